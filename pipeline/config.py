@@ -1,0 +1,325 @@
+"""Typed, nested configuration (pydantic-settings): one class per concern, every field documented.
+
+Precedence, highest first: command-line flags (``--train.batch-size 64``), ``DDPM_``-prefixed
+environment variables with ``__`` between levels (``DDPM_TRAIN__BATCH_SIZE=64``), the standard
+variables of the services (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``MLFLOW_TRACKING_URI``, ``RAY_ADDRESS``), the local stack's ``env.json`` (written by
+``python -m infra.stack up``; found through ``DDPM_STACK_DIR`` or ``<repo>/.stack``), then defaults.
+
+The maths, model and training step never import this module: they take plain dataclasses, so they
+run where only torch is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from pipeline.schedule import NoiseSchedule
+from pipeline.unet import PRESETS, UNetConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DiffusionConfig(Section):
+    """Noise schedule and training objective (DDPM section 4)."""
+
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="beta schedule: linear (DDPM) or cosine (Nichol & Dhariwal)"
+    )
+    num_timesteps: int = Field(1000, ge=2, description="T, the number of diffusion steps")
+    beta_start: float = Field(1e-4, gt=0, lt=1, description="beta_1 of the linear schedule")
+    beta_end: float = Field(0.02, gt=0, lt=1, description="beta_T of the linear schedule")
+    cosine_s: float = Field(0.008, ge=0, description="offset s of the cosine schedule")
+    objective: Literal["eps", "x0", "v"] = Field(
+        "eps", description="what the network predicts: eps (Algorithm 1), x0 or v"
+    )
+
+    @model_validator(mode="after")
+    def _betas_rise(self) -> DiffusionConfig:
+        if self.schedule == "linear" and self.beta_end <= self.beta_start:
+            raise ValueError(
+                f"diffusion.beta_end ({self.beta_end}) must be greater than diffusion.beta_start ({self.beta_start})"
+            )
+        return self
+
+    def build(self) -> NoiseSchedule:
+        return NoiseSchedule(self.schedule, self.num_timesteps, self.beta_start, self.beta_end, self.cosine_s)
+
+
+class ModelConfig(Section):
+    """The U-Net: a named preset, optionally with single fields overridden."""
+
+    preset: str = Field("digits", description=f"architecture preset: one of {sorted(PRESETS)}")
+    base_channels: int | None = Field(None, description="override: channels of the first level (multiple of 8)")
+    channel_mult: tuple[int, ...] | None = Field(None, description="override: channel multiplier per resolution level")
+    num_res_blocks: int | None = Field(None, description="override: residual blocks per level")
+    attention_resolutions: tuple[int, ...] | None = Field(
+        None, description="override: resolutions (pixels) with self-attention"
+    )
+    dropout: float | None = Field(None, description="override: dropout in residual blocks")
+    attention: Literal["sdpa", "math"] = Field("sdpa", description="attention kernel: torch SDPA or explicit softmax")
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> ModelConfig:
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset: unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
+        return self
+
+    def resolve(self, image_size: int, in_channels: int) -> UNetConfig:
+        fields = dict(PRESETS[self.preset])
+        for k in ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout"):
+            if getattr(self, k) is not None:
+                fields[k] = getattr(self, k)
+        return UNetConfig(**fields, image_size=image_size, in_channels=in_channels, attention=self.attention)
+
+
+class DataConfig(Section):
+    """Training images: WebDataset shards with a manifest, on S3 (s3://bucket/prefix) or a local folder."""
+
+    url: str = Field("s3://ddpm-data/digits", description="dataset root holding train/ and eval/ shards and manifests")
+    image_size: int = Field(8, ge=1, description="image height = width in pixels (checked against the manifest)")
+    channels: int = Field(
+        1, ge=1, le=4, description="image channels: 1 grayscale, 3 RGB (checked against the manifest)"
+    )
+    shuffle_buffer: int = Field(1000, ge=0, description="samples held in the shuffle buffer (0 disables shuffling)")
+    hflip: bool = Field(False, description="random horizontal flips (off for digits: flips change their meaning)")
+    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training process")
+    strict: bool = Field(False, description="fail at the first bad shard or sample instead of skipping and counting it")
+
+
+class TrainConfig(Section):
+    """Optimisation, checkpointing and evaluation of one training run. Counts are in images seen."""
+
+    run_name: str | None = Field(None, description="run name; required to resume; default: a new timestamped name")
+    resume: bool = Field(False, description="continue the existing run of this name (a new name never resumes)")
+    total_images: int = Field(200_000, ge=1, description="train until this many images have been seen")
+    batch_size: int = Field(128, ge=1, description="global batch per optimizer step, over all workers")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    lr: float = Field(2e-4, gt=0, description="peak AdamW learning rate (DDPM: 2e-4)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_images: int = Field(10_000, ge=0, description="linear learning-rate warm-up length")
+    grad_clip: float = Field(1.0, gt=0, description="clip the global gradient norm to this")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights (DDPM: 0.9999 on long runs)")
+    ema_warmup: bool = Field(True, description="EMA decay min(decay, (1+n)/(10+n)) over optimizer steps n")
+    seed: int = Field(0, description="seed of weights, timesteps, noise and data order")
+    checkpoint_every_images: int = Field(50_000, ge=1, description="save a checkpoint every this many images")
+    keep_checkpoints: int = Field(2, ge=2, description="checkpoints kept in storage (at least the last two)")
+    sample_every_images: int = Field(
+        100_000, ge=0, description="log an EMA sample grid every this many images (0: only at the end)"
+    )
+    grid_size: int = Field(64, ge=1, description="images in a sample grid (fixed seeds 0..n-1)")
+    log_every_steps: int = Field(10, ge=1, description="optimizer steps between metric logs")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (GPU only; very slow on CPUs)")
+    channels_last: bool = Field(False, description="channels_last memory format (helps convolutions on GPU)")
+    compile: bool = Field(False, description="torch.compile the model (slower on CPU; helps on GPU)")
+    compile_mode: str = Field("default", description="torch.compile mode: default, reduce-overhead, max-autotune")
+    fused_adamw: bool = Field(False, description="fused AdamW kernel (CUDA)")
+    max_bad_steps: int = Field(
+        3, ge=1, description="non-finite losses in a row before rolling back to the last checkpoint"
+    )
+
+    @model_validator(mode="after")
+    def _resume_needs_name(self) -> TrainConfig:
+        if self.resume and not self.run_name:
+            raise ValueError("train.resume needs train.run_name: name the run to continue")
+        return self
+
+
+class SampleConfig(Section):
+    """Reverse-process sampling (Algorithm 2 or DDIM)."""
+
+    method: Literal["ancestral", "ddim"] = Field("ancestral", description="ancestral (Algorithm 2, T steps) or ddim")
+    steps: int = Field(50, ge=1, description="DDIM: number of respaced steps")
+    eta: float = Field(0.0, ge=0, description="DDIM: 0 deterministic, 1 ancestral-like")
+    variance: Literal["fixed_small", "fixed_large"] = Field(
+        "fixed_small", description="sigma_t^2: beta-tilde_t (small) or beta_t (large)"
+    )
+    clip: bool = Field(True, description="clip the predicted x0 to [-1, 1] and use the posterior mean")
+    batch_size: int = Field(256, ge=1, description="images per model call")
+
+
+class StorageConfig(Section):
+    """S3-compatible object storage for shards and checkpoints."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint (env AWS_ENDPOINT_URL); None: AWS")
+    access_key_id: str | None = Field(None, description="S3 access key (env AWS_ACCESS_KEY_ID)")
+    secret_access_key: SecretStr | None = Field(None, description="S3 secret key (env AWS_SECRET_ACCESS_KEY)")
+    region: str = Field("us-east-1", description="S3 region (env AWS_DEFAULT_REGION)")
+    checkpoint_url: str = Field("s3://ddpm-checkpoints/runs", description="where Ray Train keeps run checkpoints")
+
+    def boto3_kwargs(self) -> dict[str, Any]:
+        return {
+            "endpoint_url": self.endpoint_url,
+            "aws_access_key_id": self.access_key_id,
+            "aws_secret_access_key": self.secret_access_key.get_secret_value() if self.secret_access_key else None,
+            "region_name": self.region,
+        }
+
+
+class TrackingConfig(Section):
+    """MLflow tracking."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI (env MLFLOW_TRACKING_URI); None disables tracking")
+    experiment: str = Field("ddpm", description="MLflow experiment name")
+
+
+class ClusterConfig(Section):
+    """The Ray cluster and the worker group."""
+
+    address: str | None = Field(None, description="Ray address (env RAY_ADDRESS); None: the current/local cluster")
+    num_workers: int = Field(2, ge=1, description="training workers (one GPU each where GPUs exist)")
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="GPU workers: auto uses them if the cluster has GPUs"
+    )
+    threads_per_worker: int = Field(1, ge=1, description="torch threads per CPU worker")
+    max_failures: int = Field(
+        2, ge=0, description="worker-group restarts after a failure (resuming from the last checkpoint)"
+    )
+
+
+def _stack_env_file() -> Path:
+    return Path(os.environ.get("DDPM_STACK_DIR") or REPO_ROOT / ".stack") / "env.json"
+
+
+class ServiceEnvSource(PydanticBaseSettingsSource):
+    """The services' standard variables, then the local stack's env.json, mapped onto our fields."""
+
+    MAPPING = {
+        "AWS_ENDPOINT_URL": ("storage", "endpoint_url"),
+        "AWS_ACCESS_KEY_ID": ("storage", "access_key_id"),
+        "AWS_SECRET_ACCESS_KEY": ("storage", "secret_access_key"),
+        "AWS_DEFAULT_REGION": ("storage", "region"),
+        "MLFLOW_TRACKING_URI": ("tracking", "uri"),
+        "RAY_ADDRESS": ("cluster", "address"),
+    }
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, str] = {}
+        path = _stack_env_file()
+        if path.is_file():
+            try:
+                values.update(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as e:
+                raise SettingsError(f"cannot read the local stack's settings {path}: {e}") from e
+        values.update({k: v for k, v in os.environ.items() if k in self.MAPPING})
+        out: dict[str, dict[str, str]] = {}
+        for var, (section, name) in self.MAPPING.items():
+            if values.get(var) and section in self.settings_cls.model_fields:
+                out.setdefault(section, {})[name] = values[var]
+        return out
+
+
+class JobSettings(BaseSettings):
+    """Base of every job's settings: env/CLI parsing, validation messages, printing."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DDPM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_use_class_docs_for_groups=True,
+        cli_exit_on_error=False,
+        nested_model_default_partial_update=True,
+    )
+
+    dry_run: bool = Field(False, description="print the resolved configuration and exit")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        return (init_settings, env_settings, ServiceEnvSource(settings_cls))
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None, prog: str | None = None):
+        """Parse flags + environment. Invalid values raise ``ConfigError`` naming every bad field."""
+        argv = sys.argv[1:] if argv is None else argv
+        try:
+            return cls(_cli_parse_args=argv, _cli_prog_name=prog or Path(sys.argv[0]).name)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e)) from None
+        except SettingsError as e:
+            raise ConfigError(f"configuration error: {e}") from None
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The resolved config as JSON-able data, secrets masked (SecretStr dumps as '**********')."""
+        return json.loads(self.model_dump_json())
+
+    def flat_params(self) -> dict[str, str]:
+        """section.field -> value, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, d: Any) -> None:
+            if isinstance(d, dict):
+                for k, v in d.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = json.dumps(d) if isinstance(d, list | tuple) else str(d)
+
+        walk("", self.to_public_dict())
+        return out
+
+    def dump(self) -> str:
+        return json.dumps(self.to_public_dict(), indent=2)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message meant for the user."""
+
+
+def format_validation_error(e: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        msg = err["msg"].removeprefix("Value error, ")
+        given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {loc}: {msg}{given}")
+    return "\n".join(lines)
+
+
+class Settings(JobSettings):
+    """Everything a training run needs; also the base for the other jobs."""
+
+    diffusion: DiffusionConfig = DiffusionConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> Settings:
+        try:
+            self.unet_config()
+        except ValueError as e:
+            raise ValueError(
+                f"model (preset {self.model.preset!r}) does not fit data.image_size={self.data.image_size}: {e}"
+            ) from None
+        if self.train.batch_size % (self.cluster.num_workers * self.train.grad_accum):
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be divisible by cluster.num_workers="
+                f"{self.cluster.num_workers} x train.grad_accum={self.train.grad_accum}"
+            )
+        return self
+
+    def unet_config(self) -> UNetConfig:
+        return self.model.resolve(self.data.image_size, self.data.channels)
