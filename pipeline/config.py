@@ -312,7 +312,8 @@ class Settings(JobSettings):
             self.unet_config()
         except ValueError as e:
             raise ValueError(
-                f"model (preset {self.model.preset!r}) does not fit data.image_size={self.data.image_size}: {e}"
+                f"model preset {self.model.preset!r} at data.image_size={self.data.image_size}, "
+                f"data.channels={self.data.channels}: {e}"
             ) from None
         if self.train.batch_size % (self.cluster.num_workers * self.train.grad_accum):
             raise ValueError(

@@ -1,0 +1,50 @@
+"""Rank helpers: the one place that asks torch.distributed who we are."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as td
+
+
+def is_dist() -> bool:
+    return td.is_available() and td.is_initialized()
+
+
+def rank() -> int:
+    return td.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return td.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        td.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (a no-op on one process)."""
+    if is_dist():
+        td.all_reduce(x, op=td.ReduceOp.SUM)
+    return x
+
+
+def all_gather_object(obj):
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_dist():
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,80 @@
+"""Typed settings: env and CLI overrides, validation messages that name the field, --dry-run."""
+
+import json
+
+import pytest
+
+from pipeline.config import ConfigError, Settings
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DDPM_STACK_DIR", str(tmp_path / "no-stack"))
+
+
+def test_defaults_resolve_to_the_digits_model():
+    s = Settings.from_cli([])
+    u = s.unet_config()
+    assert (u.image_size, u.in_channels, u.base_channels) == (8, 1, 32)
+    assert s.diffusion.build().num_timesteps == 1000
+
+
+def test_env_and_cli_override_cli_wins(monkeypatch):
+    monkeypatch.setenv("DDPM_TRAIN__BATCH_SIZE", "64")
+    monkeypatch.setenv("DDPM_DIFFUSION__SCHEDULE", "cosine")
+    s = Settings.from_cli([])
+    assert s.train.batch_size == 64 and s.diffusion.schedule == "cosine"
+    s = Settings.from_cli(["--train.batch-size", "32", "--model.channel-mult", "[1,2,2,2]"])
+    assert s.train.batch_size == 32 and s.unet_config().channel_mult == (1, 2, 2, 2)
+
+
+def test_service_variables_and_stack_file(monkeypatch, tmp_path):
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    (stack / "env.json").write_text(
+        json.dumps(
+            {
+                "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+                "AWS_ACCESS_KEY_ID": "k",
+                "AWS_SECRET_ACCESS_KEY": "s",
+                "MLFLOW_TRACKING_URI": "http://127.0.0.1:2",
+                "RAY_ADDRESS": "http://127.0.0.1:3",
+            }
+        )
+    )
+    monkeypatch.setenv("DDPM_STACK_DIR", str(stack))
+    s = Settings.from_cli([])
+    assert s.storage.endpoint_url == "http://127.0.0.1:1" and s.tracking.uri == "http://127.0.0.1:2"
+    assert s.storage.secret_access_key.get_secret_value() == "s"
+    assert "**" in s.dump() and '"s"' not in s.dump()  # secrets are masked when printed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert Settings.from_cli([]).tracking.uri == "http://127.0.0.1:9"
+    monkeypatch.setenv("DDPM_TRACKING__URI", "http://127.0.0.1:10")
+    assert Settings.from_cli([]).tracking.uri == "http://127.0.0.1:10"
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--diffusion.beta-start", "0.02", "--diffusion.beta-end", "0.01"], "diffusion.beta_end"),
+        (["--diffusion.num-timesteps", "1"], "diffusion.num_timesteps"),
+        (["--data.image-size", "6"], "image_size=6 is not divisible"),
+        (["--data.image-size", "12", "--model.preset", "cifar"], "not divisible"),
+        (["--model.preset", "huge"], "model.preset"),
+        (["--train.batch-size", "0"], "train.batch_size"),
+        (["--train.resume"], "train.run_name"),
+        (["--sample.method", "euler"], "sample.method"),
+        (["--no-such-flag", "1"], "unrecognized arguments"),
+    ],
+)
+def test_invalid_values_are_rejected_naming_the_field(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        Settings.from_cli(argv)
+    assert needle in str(e.value)
+
+
+def test_flat_params_for_tracking():
+    p = Settings.from_cli(["--model.channel-mult", "[1,2,2]"]).flat_params()
+    assert p["train.batch_size"] == "128" and p["model.channel_mult"] == "[1, 2, 2]"
