@@ -1,0 +1,95 @@
+"""Shared pytest fixtures. Keep each group of fixtures under its own banner."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from infra.stack import Stack, StackConfig, refresh_ray_auth
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# ==================================================================================================
+# Local real stack (infra/stack.py, issue 3): S3 + MLflow + Ray head on test ports.
+#
+#   @pytest.mark.stack
+#   def test_x(stack, stack_env):   # stack.env / stack.config; stack_env: os.environ has the env
+#       ...
+#
+# The session stack lives in <repo>/.stack-test on the default ports + TEST_STACK_PORT_OFFSET
+# (S3 8433, MLflow 5100, Ray dashboard 8365, GCS 6479). A stack already running there is reused.
+# Sessions running at the same time share it: each holds a lease (<state>/test-leases/<pid>), and
+# what a session started is stopped when the last session using the stack ends. Nothing is stopped
+# with DDPM_KEEP_TEST_STACK=1 (the next session then reuses the stack in about a second).
+# ==================================================================================================
+
+TEST_STACK_DIR = REPO_ROOT / ".stack-test"
+TEST_STACK_PORT_OFFSET = 100
+
+
+@dataclass(frozen=True)
+class RunningStack:
+    config: StackConfig
+    env: dict[str, str]  # the env contract (infra.stack.ENV_KEYS)
+    stack: Stack
+    started: tuple[str, ...]  # the services this session started
+
+
+@contextlib.contextmanager
+def _test_leases(state_dir: Path) -> Iterator[Path]:
+    """The lease directory, locked; leases of processes that are gone are removed."""
+    leases = state_dir / "test-leases"
+    leases.mkdir(parents=True, exist_ok=True)
+    with open(leases / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for lease in leases.glob("[0-9]*"):
+            try:
+                os.kill(int(lease.name), 0)
+            except ProcessLookupError:
+                lease.unlink(missing_ok=True)
+            except PermissionError:
+                pass
+        yield leases
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[RunningStack]:
+    config = StackConfig.resolve(state_dir=TEST_STACK_DIR, port_offset=TEST_STACK_PORT_OFFSET, environ={})
+    handle = Stack(config)
+    with _test_leases(config.state_dir) as leases:
+        result = handle.up(timeout=240)
+        (leases / str(os.getpid())).touch()
+    try:
+        yield RunningStack(config=config, env=result.env, stack=handle, started=result.started)
+    finally:
+        with _test_leases(config.state_dir) as leases:
+            (leases / str(os.getpid())).unlink(missing_ok=True)
+            to_stop = leases / "stop-when-unused.json"  # services started by sessions that have ended
+            pending = set(json.loads(to_stop.read_text())) if to_stop.exists() else set()
+            pending |= set(result.started)
+            if any(leases.glob("[0-9]*")):
+                to_stop.write_text(json.dumps(sorted(pending)))
+            else:
+                if os.environ.get("DDPM_KEEP_TEST_STACK") != "1":
+                    handle.down(services=pending)
+                to_stop.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def stack_env(stack: RunningStack) -> Iterator[dict[str, str]]:
+    """Puts the stack's env vars into os.environ for one test (restored afterwards)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):  # would mix with the keys
+            mp.delenv(key, raising=False)
+        for key, value in stack.env.items():
+            mp.setenv(key, value)
+        refresh_ray_auth()  # Ray caches RAY_AUTH_* at first use
+        yield stack.env
+    refresh_ray_auth()
