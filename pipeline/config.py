@@ -190,7 +190,7 @@ class ClusterConfig(Section):
     )
 
 
-def _stack_env_file() -> Path:
+def stack_env_file() -> Path:
     return Path(os.environ.get("DDPM_STACK_DIR") or REPO_ROOT / ".stack") / "env.json"
 
 
@@ -211,7 +211,7 @@ class ServiceEnvSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         values: dict[str, str] = {}
-        path = _stack_env_file()
+        path = stack_env_file()
         if path.is_file():
             try:
                 values.update(json.loads(path.read_text()))

@@ -27,7 +27,7 @@ def parallelize(
         model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if dist.is_dist():
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if compile:
         net = torch.compile(net, mode=None if compile_mode == "default" else compile_mode)
     return net

@@ -1,0 +1,95 @@
+"""Checkpoint files: written so that a partial one is never taken for a whole one.
+
+A checkpoint is a directory ``images_<N>`` holding ``checkpoint.pt`` (a dict of tensors and
+plain values, loaded only with ``torch.load(weights_only=True)``) and ``meta.json``, written last,
+with the file's sha256. A directory without a matching ``meta.json`` is incomplete or corrupt and
+is skipped in favour of an older one.
+
+For sampling, a smaller file (weights, EMA, model and schedule config; no optimizer) is logged to
+MLflow as ``checkpoints/images_<N>.pt``; see ``sampling_export``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CKPT_FILE = "checkpoint.pt"
+META_FILE = "meta.json"
+FORMAT = 1
+
+
+class CorruptCheckpoint(RuntimeError):
+    pass
+
+
+def checkpoint_name(images_seen: int) -> str:
+    return f"images_{images_seen:012d}"
+
+
+def images_of(name: str) -> int | None:
+    """N of a name ``images_<N>`` or ``images_<N>.pt``; None for other names."""
+    stem = Path(name).name.removesuffix(".pt")
+    if stem.startswith("images_") and stem[7:].isdigit():
+        return int(stem[7:])
+    return None
+
+
+def write_checkpoint(state: dict, directory: str | Path, meta: dict | None = None) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    (d / CKPT_FILE).write_bytes(data)
+    info = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **(meta or {})}
+    tmp = d / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, d / META_FILE)
+    return d
+
+
+def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """(state, meta) of a complete checkpoint; ``CorruptCheckpoint`` names what is wrong otherwise."""
+    d = Path(directory)
+    meta_path, ckpt_path = d / META_FILE, d / CKPT_FILE
+    if not meta_path.is_file():
+        raise CorruptCheckpoint(f"{d}: no {META_FILE} (the checkpoint was not completely written)")
+    meta = json.loads(meta_path.read_text())
+    if not ckpt_path.is_file():
+        raise CorruptCheckpoint(f"{d}: {CKPT_FILE} is missing")
+    data = ckpt_path.read_bytes()
+    if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise CorruptCheckpoint(f"{d}: {CKPT_FILE} does not match the sha256 in {META_FILE} (corrupt or partial)")
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True), meta
+
+
+def sampling_export(state: dict, extra: dict | None = None) -> bytes:
+    """What sampling needs from a training state: weights, EMA weights, U-Net and schedule config."""
+    out = {
+        "format": FORMAT,
+        "model": state["model"],
+        "ema": state["ema"],
+        "unet": state["unet"],
+        "schedule": state["schedule"],
+        "objective": state["optim"]["objective"],
+        "images_seen": state["counters"]["images_seen"],
+        **(extra or {}),
+    }
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    return buf.getvalue()
+
+
+def load_sampling_export(data: bytes | str | Path) -> dict:
+    raw = Path(data).read_bytes() if isinstance(data, str | Path) else data
+    state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    missing = {"model", "ema", "unet", "schedule", "objective"} - set(state)
+    if missing:
+        raise CorruptCheckpoint(f"not a ddpm-pipeline sampling checkpoint: missing {sorted(missing)}")
+    return state
