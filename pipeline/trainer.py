@@ -190,7 +190,8 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
             next_ckpt = (state.images_seen // every_ckpt + 1) * every_ckpt
             continue
 
-        if tracker and state.step_count % t.log_every_steps == 0:
+        done = state.images_seen >= t.total_images
+        if tracker and (state.step_count % t.log_every_steps == 0 or done):
             t0 = time.perf_counter()
             now = time.perf_counter()
             metrics = {
@@ -208,7 +209,6 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
             window_images, window_start = 0, now
             timing["tracking"] += time.perf_counter() - t0
 
-        done = state.images_seen >= t.total_images
         if state.images_seen >= next_ckpt or done:
             t0 = time.perf_counter()
             save(state, reader, session, tracker, rank, samples_skipped)

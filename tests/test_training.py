@@ -119,3 +119,45 @@ def test_checkpoint_for_another_model_is_refused():
     other = TrainState(preset("digits", image_size=8, in_channels=1), NoiseSchedule("linear", 100), OptimConfig())
     with pytest.raises(ValueError, match="different U-Net"):
         other.load_state_dict(s.state_dict())
+
+
+class _Position:
+    """Stands in for the data reader's position (the reader itself is tested in test_data.py)."""
+
+    def __init__(self):
+        self.state = {"epoch": 0, "batch": 0}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, s):
+        self.state = dict(s)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    from pipeline.checkpoint import checkpoint_name, write_checkpoint
+    from pipeline.trainer import Session, restore
+
+    s = _state()
+    dirs = []
+    for i in range(2):
+        s.train_step([_batch(i)])
+        s.images_seen += 16
+        full = s.state_dict() | {
+            "reader": {"epoch": 0, "batch": i + 1},
+            "rng_per_rank": [{"generator": s.generator.get_state(), "torch": torch.get_rng_state()}],
+            "samples_skipped": 0,
+        }
+        dirs.append(write_checkpoint(full, tmp_path / checkpoint_name(s.images_seen)))
+    # A checkpoint whose file was cut short, and one whose meta.json was never written.
+    data = (dirs[1] / "checkpoint.pt").read_bytes()
+    (dirs[1] / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    unfinished = tmp_path / checkpoint_name(999)
+    unfinished.mkdir()
+    (unfinished / "checkpoint.pt").write_bytes(data)
+    fresh, pos = _state(seed=5), _Position()
+    session = Session(report=lambda *a: None, candidates=lambda: [unfinished, dirs[1], dirs[0]])
+    info = restore(fresh, pos, session, rank=0, world=1)
+    assert info["path"] == str(dirs[0])
+    assert fresh.images_seen == 16 and pos.state["batch"] == 1
+    assert restore(_state(), _Position(), Session(report=lambda *a: None), rank=0, world=1) == {}
