@@ -523,6 +523,9 @@ class Stack:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else some Ray ports listen on all addresses
+            # Ray-internal actors (e.g. Ray Train's PlacementGroupCleaner) look the cluster up by address;
+            # with several Ray instances on one machine (a test stack beside the user's) "auto" fails.
+            "RAY_ADDRESS": f"{HOST}:{c.ray_port}",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # prints once, not twice
             "AUTOSCALER_METRIC_PORT": str(c.ray_metric_ports[0]),

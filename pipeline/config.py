@@ -324,3 +324,44 @@ class Settings(JobSettings):
 
     def unet_config(self) -> UNetConfig:
         return self.model.resolve(self.data.image_size, self.data.channels)
+
+
+def reference_markdown(cls: type[JobSettings] = Settings) -> str:
+    """The configuration reference, generated from the settings classes (README section)."""
+    lines = []
+    for section, info in cls.model_fields.items():
+        model = info.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        lines += [
+            f"**`{section}`** — {(model.__doc__ or '').strip()}",
+            "",
+            "| flag | env | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for name, f in model.model_fields.items():
+            flag = f"--{section}.{name.replace('_', '-')}"
+            env = f"DDPM_{section.upper()}__{name.upper()}"
+            default = json.dumps(f.default) if not isinstance(f.default, SecretStr) else "null"
+            lines.append(f"| `{flag}` | `{env}` | `{default}` | {f.description or ''} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+README_MARKERS = ("<!-- config-reference:start", "<!-- config-reference:end -->")
+
+
+def readme_with_reference(text: str) -> str:
+    """README text with the generated configuration reference between its markers."""
+    start, end = README_MARKERS
+    i, j = text.index(start), text.index(end)
+    i = text.index("\n", i) + 1
+    return text[:i] + "\n" + reference_markdown() + "\n" + text[j:]
+
+
+if __name__ == "__main__":  # python -m pipeline.config [--markdown | --update-readme]
+    if "--update-readme" in sys.argv:
+        readme = REPO_ROOT / "README.md"
+        readme.write_text(readme_with_reference(readme.read_text()))
+    else:
+        print(reference_markdown())

@@ -82,7 +82,7 @@ def make_grid(images_u8, nrow: int | None = None, pad: int = 1) -> bytes:
             i
         ]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = max(1, 256 // grid.shape[1])
+    scale = max(1, 512 // grid.shape[1])
     if scale > 1:
         img = img.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     buf = io.BytesIO()

@@ -150,7 +150,9 @@ class AttnBlock(nn.Module):
         else:
             attn = torch.softmax(q @ k.transpose(-1, -2) * c**-0.5, dim=-1)
             out = attn @ v
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        # contiguous: a transposed input would give the 1x1 conv a channels-last weight gradient,
+        # which DDP then copies into its buckets every step.
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w).contiguous())
 
 
 class Downsample(nn.Module):

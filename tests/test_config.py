@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.config import ConfigError, Settings
+from pipeline.config import REPO_ROOT, ConfigError, Settings
 
 
 @pytest.fixture(autouse=True)
@@ -78,3 +78,11 @@ def test_invalid_values_are_rejected_naming_the_field(argv, needle):
 def test_flat_params_for_tracking():
     p = Settings.from_cli(["--model.channel-mult", "[1,2,2]"]).flat_params()
     assert p["train.batch_size"] == "128" and p["model.channel_mult"] == "[1, 2, 2]"
+
+
+def test_readme_configuration_reference_is_current():
+    """The README's reference is generated from the settings classes, so it cannot drift."""
+    from pipeline.config import readme_with_reference
+
+    text = (REPO_ROOT / "README.md").read_text()
+    assert readme_with_reference(text) == text, "run: python -m pipeline.config --update-readme"
