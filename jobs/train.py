@@ -107,6 +107,23 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
+    t0 = time.time()
+    result = launch(settings, run_name, mlflow_run_id)
+    print(f"\ntraining run {run_name!r} finished in {time.time() - t0:.0f} s")
+    if result.checkpoint:
+        print(f"latest checkpoint: {result.checkpoint.path}")
+    if mlflow_run_id:
+        print(f"MLFLOW_RUN_ID={mlflow_run_id}")
+        print(
+            f"MLflow run: {settings.tracking.uri.rstrip('/')}/#/experiments/"
+            f"{_experiment_id(settings)}/runs/{mlflow_run_id}"
+        )
+    print(f"RUN_NAME={run_name}")
+    return 0
+
+
+def launch(settings: Settings, run_name: str, mlflow_run_id: str | None):
+    """Run the TorchTrainer on the cluster of ``settings.cluster``; returns Ray Train's Result."""
     from pipeline.cluster import connect
 
     connect(settings.cluster.address)  # before Ray's other modules are imported (see connect)
@@ -145,19 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         ),
     )
-    t0 = time.time()
-    result = trainer.fit()
-    print(f"\ntraining run {run_name!r} finished in {time.time() - t0:.0f} s")
-    if result.checkpoint:
-        print(f"latest checkpoint: {result.checkpoint.path}")
-    if mlflow_run_id:
-        print(f"MLFLOW_RUN_ID={mlflow_run_id}")
-        print(
-            f"MLflow run: {settings.tracking.uri.rstrip('/')}/#/experiments/"
-            f"{_experiment_id(settings)}/runs/{mlflow_run_id}"
-        )
-    print(f"RUN_NAME={run_name}")
-    return 0
+    return trainer.fit()
 
 
 def _experiment_id(settings: Settings) -> str:

@@ -166,6 +166,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
     timing = {"wall": 0.0, "tracking": 0.0, "checkpoint": 0.0, "grid": 0.0}
     window_images, window_start = 0, time.perf_counter()
     loop_start = time.perf_counter()
+    first_step_end, images_at_first, first_step_unix = None, state.images_seen, None
     last_saved = state.images_seen if resumed else -1
     batches: Iterator = reader.stream()
     while state.images_seen < t.total_images:
@@ -176,6 +177,9 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
         totals = dist.all_reduce_sum(torch.tensor([r.loss_sum, r.images, batch.skipped], dtype=torch.float64))
         loss_sum, images, skipped = totals.tolist()
         state.images_seen += int(images)
+        if first_step_end is None:
+            first_step_end, images_at_first = time.perf_counter(), state.images_seen
+            first_step_unix = time.time()
         samples_skipped += int(skipped)
         window_images += int(images)
         bad_in_row = 0 if r.applied else bad_in_row + 1
@@ -211,7 +215,13 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
 
         if state.images_seen >= next_ckpt or done:
             t0 = time.perf_counter()
-            save(state, reader, session, tracker, rank, samples_skipped)
+            steady = (state.images_seen - images_at_first) / max(time.perf_counter() - first_step_end, 1e-9)
+            summary = {
+                "steady_images_per_s": steady,
+                "loop_s": time.perf_counter() - loop_start,
+                "first_step_unix": first_step_unix,
+            } | {f"{k}_s": v for k, v in timing.items() if k != "wall"}
+            save(state, reader, session, tracker, rank, samples_skipped, summary)
             last_saved = state.images_seen
             next_ckpt = (state.images_seen // every_ckpt + 1) * every_ckpt
             timing["checkpoint"] += time.perf_counter() - t0
@@ -266,14 +276,16 @@ def log_grid(state: TrainState, settings: Settings, tracker) -> None:
         tracker.log_bytes(png, f"grid_{checkpoint_name(state.images_seen)}.png", "samples")
 
 
-def save(state: TrainState, reader, session: Session, tracker, rank: int, samples_skipped: int) -> None:
+def save(
+    state: TrainState, reader, session: Session, tracker, rank: int, samples_skipped: int, summary: dict | None = None
+) -> None:
     """Every rank contributes its random states; rank 0 writes and reports the directory."""
     rng = {"generator": state.generator.get_state(), "torch": torch.get_rng_state()}
     if state.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(state.device)
     all_rng = dist.all_gather_object(rng)
     name = checkpoint_name(state.images_seen)
-    metrics = {"images_seen": state.images_seen, "step": state.step_count}
+    metrics = {"images_seen": state.images_seen, "step": state.step_count} | (summary or {})
     if rank != 0:
         session.report(metrics, None, name)
         return
