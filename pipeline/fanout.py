@@ -1,0 +1,488 @@
+"""Seed-addressed sampling over a pool of Ray actors, results streamed back batch by batch.
+
+The seed range is cut into batches (``make_batches``); a pool of actors (one GPU each where the
+cluster has GPUs, else ``num_cpus=threads`` with ``torch.set_num_threads(threads)``) each load the
+weights once, from one ``ray.put`` of the checkpoint bytes, and sample the batches they are handed.
+Since every image has its own random stream (``pipeline.sampler``), the image of a seed does not
+depend on the batch it lands in, the batch size or the number of actors.
+
+The driver keeps at most ``depth`` batches in flight per actor, takes results with ``ray.wait`` as
+they finish and hands each one to a callback (which writes it out): no process holds all images. If
+an actor dies (``RayActorError``), its unfinished batches go back to the front of the queue and a
+replacement actor is started (up to ``max_failures`` times); a batch is delivered exactly once.
+
+Also here: ``connect``, which turns the addresses this project uses into a ``ray.init`` call
+(including the Jobs API URL ``http://host:8265`` that ``RAY_ADDRESS`` holds for the local stack).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class PoolError(RuntimeError):
+    """The pool cannot finish: no actor could start, too many died, or sampling itself failed."""
+
+
+class AddressError(ValueError):
+    """A Ray address that ``ray.init`` cannot use and that could not be translated."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Connecting
+
+
+def in_ray_job() -> bool:
+    """True inside a driver started by ``ray job submit`` (Ray sets RAY_ADDRESS to the GCS itself)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def _stack_gcs_address(host: str, port: int) -> tuple[str | None, dict[str, str]]:
+    """GCS address of the local stack (infra/stack.py) whose dashboard is host:port, and its env."""
+    state = Path(os.environ.get("DDPM_STACK_DIR") or REPO_ROOT / ".stack")
+    try:
+        saved = json.loads((state / "stack.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, {}
+    if host not in LOOPBACK or int(saved.get("ray_dashboard_port", -1)) != port:
+        return None, {}
+    env: dict[str, str] = {}
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        env = json.loads((state / "env.json").read_text())
+    return f"127.0.0.1:{int(saved['ray_port'])}", env
+
+
+def _local_ray_args(exe_suffix: str) -> list[dict[str, str]]:
+    """``--key=value`` options of the local processes whose argv has an entry ending in ``exe_suffix``."""
+    proc = Path("/proc")
+    out: list[dict[str, str]] = []
+    if not proc.is_dir():
+        return out
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in (d / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if any(a.endswith(exe_suffix) for a in argv[:3]):
+            out.append(dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a))
+    return out
+
+
+def _local_dashboard_gcs_address(port: int) -> str | None:
+    """GCS address of a Ray running on this machine whose dashboard listens on ``port`` (Linux /proc)."""
+    for opts in _local_ray_args("dashboard/dashboard.py"):
+        if opts.get("port") == str(port) and opts.get("gcs-address"):
+            return opts["gcs-address"]
+    return None
+
+
+def _local_gcs_node_ip(port: int) -> str | None:
+    """--node-ip-address of the GCS server listening on ``port`` on this machine, if there is one."""
+    for opts in _local_ray_args("gcs_server"):
+        if opts.get("gcs_server_port") == str(port):
+            return opts.get("node-ip-address")
+    return None
+
+
+def _use_loopback() -> None:
+    """Make this driver's Ray use 127.0.0.1 as its node address.
+
+    Ray replaces a loopback GCS address with the machine's address before connecting
+    (``resolve_ip_for_localhost``), which fails for a head started with --node-ip-address=127.0.0.1
+    (the local stack's). ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which the stack gives its own Ray
+    processes, turns that off; Ray reads it at import, so the constant is set as well.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def resolve_address(address: str | None) -> str:
+    """What to give ``ray.init`` for ``cluster.address``.
+
+    None: a new local Ray ("local"; never some other cluster found on the machine). "auto",
+    host:port (GCS) and ray://host:port (Ray Client) pass through. http(s)://host:port is the
+    dashboard / Jobs API URL, which ``ray.init`` does not take: on this machine it is translated to
+    the GCS address of the Ray whose dashboard it is (the local stack's records, else the running
+    dashboard process); elsewhere the error says what to use instead.
+    """
+    if not address or address == "local":
+        return "local"
+    if not address.startswith(("http://", "https://")):
+        return address
+    u = urlparse(address)
+    host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    gcs, env = _stack_gcs_address(host, port)
+    if gcs:
+        # The stack's Ray wants its token; env.json has it when the caller's environment does not.
+        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            if env.get(k) and not os.environ.get(k):
+                os.environ[k] = env[k]
+        return gcs
+    if host in LOOPBACK:
+        gcs = _local_dashboard_gcs_address(port)
+        if gcs:
+            return gcs
+    raise AddressError(
+        f"cluster.address={address!r} is a Ray dashboard / Jobs API URL, which ray.init cannot connect to, "
+        "and it is not a Ray running on this machine. Give the cluster's GCS address (host:6379) or a Ray "
+        f"Client address (ray://host:10001), or submit the job: ray job submit --address {address} "
+        "--working-dir . -- python jobs/sample.py ..."
+    )
+
+
+def connect(address: str | None, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``ray.init`` for ``cluster.address`` (see ``resolve_address``); returns what was connected to.
+
+    Outside a Ray job, a driver that joins an existing cluster ships this package to the workers
+    (``runtime_env.py_modules``), so the cluster needs torch but not this repository.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return {"address": "already connected", "started_local": False}
+    target = "auto" if in_ray_job() else resolve_address(address)
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    host, _, port = target.rpartition(":")
+    if host in LOOPBACK and port.isdigit() and _local_gcs_node_ip(int(port)) in LOOPBACK:
+        _use_loopback()
+    if target == "local":
+        kwargs["include_dashboard"] = False
+    elif not in_ray_job():
+        import pipeline
+
+        kwargs["runtime_env"] = {"py_modules": [pipeline]}
+    ray.init(address=target, **kwargs)
+    res = ray.cluster_resources()
+    log(
+        f"ray: connected to {'a new local Ray' if target == 'local' else target} "
+        f"({res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs)"
+    )
+    return {"address": target, "started_local": target == "local", "resources": res}
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int
+    start: int  # row of its first image in the output
+    seeds: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
+def make_batches(first_seed: int, num_images: int, batch_size: int) -> list[Batch]:
+    """Seeds first_seed .. first_seed + num_images - 1, in order, cut into batches."""
+    out = []
+    for i, start in enumerate(range(0, num_images, batch_size)):
+        n = min(batch_size, num_images - start)
+        out.append(Batch(i, start, tuple(range(first_seed + start, first_seed + start + n))))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The actor
+
+
+class FixedShapeCalls:
+    """``model(x, t)`` evaluated in calls of exactly ``chunk`` images (the last chunk padded).
+
+    Batched kernels are not bitwise batch-invariant: on this CPU a U-Net call on 1-15 images
+    differs from the same images in a larger batch by ~1e-6, which after tens of steps can move a
+    pixel across a uint8 rounding boundary. With every call the same shape, an image's arithmetic
+    does not depend on which batch it is in or where, so the same seed gives the same bytes whatever
+    the batch size or the number of workers (on the same kind of device).
+    """
+
+    def __init__(self, model, chunk: int) -> None:
+        self.model, self.chunk = model, chunk
+
+    def __call__(self, x, t):
+        import torch
+
+        n, c = x.shape[0], self.chunk
+        if n == c:
+            return self.model(x, t)
+        outs = []
+        for i in range(0, n, c):
+            xi, ti = x[i : i + c], t[i : i + c]
+            k = xi.shape[0]
+            if k < c:
+                xi = torch.cat([xi, xi[-1:].expand(c - k, *xi.shape[1:])])
+                ti = torch.cat([ti, ti[-1:].expand(c - k)])
+            outs.append(self.model(xi, ti)[:k])
+        return torch.cat(outs)
+
+
+class SamplerWorker:
+    """One sampling actor: loads the weights once, then samples the batches it is given."""
+
+    def __init__(
+        self, export: bytes, *, ema: bool, options: dict[str, Any], threads: int, use_gpu: bool, chunk: int | None
+    ) -> None:
+        import torch
+
+        from pipeline.checkpoint import load_sampling_export
+        from pipeline.sampler import SamplerOptions
+        from pipeline.schedule import NoiseSchedule
+        from pipeline.training import model_for_sampling
+        from pipeline.unet import UNetConfig
+
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        state = load_sampling_export(export)
+        self.model = model_for_sampling(state, ema=ema).to(self.device)
+        self.schedule = NoiseSchedule.from_dict(state["schedule"])
+        unet = UNetConfig.from_dict(state["unet"])
+        self.shape = (unet.in_channels, unet.image_size, unet.image_size)
+        self.options = SamplerOptions(**options)
+        self.threads = threads
+        self.call = FixedShapeCalls(self.model, chunk) if chunk else self.model
+
+    def info(self) -> dict[str, Any]:
+        import socket
+
+        import torch
+
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+        }
+
+    def sample(self, index: int, seeds: Sequence[int]) -> tuple[int, np.ndarray, float, float]:
+        """(index, uint8 NHWC images, wall seconds, CPU seconds of this process)."""
+        from pipeline.sampler import sample, to_uint8
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        x = sample(self.call, self.schedule, list(seeds), self.shape, self.options, device=self.device)
+        return index, to_uint8(x), time.perf_counter() - t0, time.process_time() - c0
+
+
+@dataclass
+class _Slot:
+    handle: Any
+    number: int
+    ready: bool = False
+    alive: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    inflight: dict[Any, Batch] = field(default_factory=dict)  # ObjectRef -> batch
+    batches: int = 0
+    busy_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+@dataclass
+class PoolStats:
+    workers: int
+    actors_started: int
+    actor_failures: int
+    resubmitted_batches: int
+    startup_s: float  # until the first actor was ready
+    sampling_s: float  # from the first actor ready to the last batch received
+    actor_cpu_s: float  # CPU time the actors spent in delivered batches
+    per_actor: list[dict[str, Any]]
+    device: str
+
+
+class SamplingPool:
+    """A pool of ``SamplerWorker`` actors fed from a queue of batches; see the module docstring."""
+
+    def __init__(
+        self,
+        export: bytes,
+        *,
+        ema: bool,
+        options: dict[str, Any],
+        workers: int,
+        use_gpu: bool,
+        threads: int = 1,
+        chunk: int | None = None,
+        max_failures: int = 2,
+        depth: int = 2,
+        start_timeout_s: float = 300.0,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        import ray
+
+        self._ray = ray
+        self.export_ref = ray.put(export)  # once; every actor reads the same object
+        self.ema, self.options, self.workers = ema, dict(options), workers
+        self.use_gpu, self.threads, self.chunk = use_gpu, threads, chunk
+        self.max_failures, self.depth, self.start_timeout_s = max_failures, depth, start_timeout_s
+        self.log = log
+        self.slots: list[_Slot] = []
+        self.failures = 0
+        self.resubmitted = 0
+        self._refs: dict[Any, tuple[_Slot, Batch | None]] = {}
+        resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": threads}
+        self._actor_cls = ray.remote(**resources, max_restarts=0, max_task_retries=0)(SamplerWorker)
+
+    # -- actors ------------------------------------------------------------------------------------
+    def _start_actor(self) -> _Slot:
+        handle = self._actor_cls.remote(
+            self.export_ref,
+            ema=self.ema,
+            options=self.options,
+            threads=self.threads,
+            use_gpu=self.use_gpu,
+            chunk=self.chunk,
+        )
+        slot = _Slot(handle=handle, number=len(self.slots))
+        self.slots.append(slot)
+        self._refs[handle.info.remote()] = (slot, None)
+        return slot
+
+    @property
+    def alive(self) -> list[_Slot]:
+        return [s for s in self.slots if s.alive]
+
+    def actor_pids(self) -> list[int]:
+        """PIDs of the live, ready actors (for tests that crash one)."""
+        return [s.info["pid"] for s in self.alive if s.ready]
+
+    def _actor_died(self, slot: _Slot, err: Exception, pending: deque[Batch], done: set[int]) -> None:
+        if not slot.alive:
+            return
+        slot.alive = False
+        self.failures += 1
+        lost = [b for b in slot.inflight.values() if b.index not in done]
+        for ref in list(slot.inflight):
+            self._refs.pop(ref, None)
+        slot.inflight.clear()
+        for b in sorted(lost, key=lambda b: b.index, reverse=True):
+            pending.appendleft(b)
+        self.resubmitted += len(lost)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        self.log(
+            f"sampling actor {slot.number} (pid {slot.info.get('pid', '?')}) died ({first_line[:200]}); "
+            f"{len(lost)} batch(es) go to other actors"
+        )
+        with contextlib.suppress(Exception):
+            self._ray.kill(slot.handle)
+        if self.failures <= self.max_failures:
+            new = self._start_actor()
+            self.log(f"started replacement actor {new.number} ({self.failures}/{self.max_failures} failures)")
+        elif not self.alive:
+            raise PoolError(
+                f"every sampling actor died ({self.failures} failures, cluster.max_failures={self.max_failures}); "
+                f"last error: {first_line}"
+            )
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(
+        self,
+        batches: Sequence[Batch],
+        on_result: Callable[[Batch, np.ndarray], None],
+        *,
+        after_batch: Callable[[SamplingPool, Batch], None] | None = None,
+    ) -> PoolStats:
+        """Sample every batch; ``on_result(batch, uint8 NHWC images)`` once per batch, as results arrive."""
+        ray = self._ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        t_start = time.perf_counter()
+        for _ in range(self.workers):
+            self._start_actor()
+        pending: deque[Batch] = deque(batches)
+        done: set[int] = set()
+        t_first_ready: float | None = None
+        while len(done) < len(batches):
+            for slot in self.alive:
+                while slot.ready and pending and len(slot.inflight) < self.depth:
+                    b = pending.popleft()
+                    ref = slot.handle.sample.remote(b.index, b.seeds)
+                    slot.inflight[ref] = b
+                    self._refs[ref] = (slot, b)
+            if not self._refs:
+                raise PoolError("internal error: batches left but nothing in flight")
+            ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=1.0)
+            if not ready:
+                if t_first_ready is None and time.perf_counter() - t_start > self.start_timeout_s:
+                    res = ray.available_resources()
+                    raise PoolError(
+                        f"no sampling actor started within {self.start_timeout_s:.0f} s: each needs "
+                        f"{'1 GPU' if self.use_gpu else f'{self.threads} CPU(s)'}; the cluster has "
+                        f"{res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs free"
+                    )
+                continue
+            for ref in ready:
+                if ref not in self._refs:  # dropped when its actor died
+                    continue
+                slot, batch = self._refs.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except RayActorError as e:
+                    self._actor_died(slot, e, pending, done)
+                    continue
+                except RayTaskError as e:
+                    raise PoolError(f"sampling failed in actor {slot.number}: {e}") from None
+                if batch is None:
+                    slot.ready, slot.info = True, value
+                    if t_first_ready is None:
+                        t_first_ready = time.perf_counter()
+                    continue
+                slot.inflight.pop(ref, None)
+                index, images, seconds, cpu_seconds = value
+                slot.batches += 1
+                slot.busy_s += seconds
+                slot.cpu_s += cpu_seconds
+                if batch.index in done:  # cannot happen: a batch is re-queued only after its actor died
+                    continue
+                if images.shape[0] != len(batch):
+                    raise PoolError(f"batch {batch.index}: got {images.shape[0]} images for {len(batch)} seeds")
+                done.add(batch.index)
+                on_result(batch, images)
+                if after_batch is not None:
+                    after_batch(self, batch)
+        t_end = time.perf_counter()
+        return PoolStats(
+            workers=self.workers,
+            actors_started=len(self.slots),
+            actor_failures=self.failures,
+            resubmitted_batches=self.resubmitted,
+            startup_s=(t_first_ready or t_end) - t_start,
+            sampling_s=t_end - (t_first_ready or t_start),
+            actor_cpu_s=sum(s.cpu_s for s in self.slots),
+            per_actor=[
+                {
+                    "actor": s.number,
+                    **s.info,
+                    "alive": s.alive,
+                    "batches": s.batches,
+                    "busy_s": round(s.busy_s, 3),
+                    "cpu_s": round(s.cpu_s, 3),
+                }
+                for s in self.slots
+            ],
+            device=next((s.info.get("device", "?") for s in self.slots if s.info), "?"),
+        )
+
+    def shutdown(self) -> None:
+        for s in self.slots:
+            with contextlib.suppress(Exception):
+                self._ray.kill(s.handle)
+        self.slots = []
+        self._refs.clear()

@@ -1,0 +1,351 @@
+"""jobs/sample.py against the real local stack: a real training run in MLflow, Ray actors, S3 data. No mocks.
+
+The module trains a ``tiny`` U-Net for a few seconds on the digits (written to the test S3 by the
+data layer's prepare_data job) with a 100-step schedule, logs it as the training job does (tag,
+params, config.json, checkpoints/images_<N>.pt), then evaluates it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from infra.stack import refresh_ray_auth
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    """jobs/<name>.py as a module (jobs/ is not a package), registered so pydantic resolves its types."""
+    import importlib.util
+
+    key = f"ddpm_jobs_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO_ROOT / "jobs" / f"{name}.py")
+        sys.modules[key] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[key])
+    return sys.modules[key]
+
+
+bench_sample = _load("bench_sample")
+sample_job = bench_sample.load_job("sample")
+
+SCHEDULE = {"kind": "linear", "num_timesteps": 100, "beta_start": 1e-3, "beta_end": 0.2, "cosine_s": 0.008}
+CHUNK = 8  # model calls of 8 images in every run below, so images can be compared byte for byte
+FAST = ["--method", "ddim", "--steps", "10", "--chunk", str(CHUNK), "--no-progress"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Without the stack
+
+
+def test_help_runs_as_a_script():
+    out = subprocess.run(
+        [sys.executable, "jobs/sample.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    for flag in ("--run-id", "--num-images", "--batch-size", "--method", "--steps", "--eta", "--clip, --no-clip",
+                 "--variance", "--first-seed", "--workers", "--checkpoint", "--ema, --no-ema", "--dry-run",
+                 "--storage.endpoint-url", "--tracking.uri", "--cluster.address"):  # fmt: skip
+        assert flag in out.stdout, flag
+
+
+@pytest.mark.parametrize(
+    "argv,field",
+    [
+        ([], "run_id"),
+        (["--run-id", "r", "--method", "euler"], "method"),
+        (["--run-id", "r", "--steps", "0"], "steps"),
+        (["--run-id", "r", "--checkpoint", "best"], "checkpoint"),
+        (["--run-id", "r", "--name", "a/b"], "name"),
+        (["--run-id", "r", "--workers", "0"], "workers"),
+    ],
+)
+def test_config_errors_exit_2_naming_the_field(argv, field, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DDPM_STACK_DIR", str(tmp_path))
+    assert sample_job.main(argv) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_settings(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DDPM_STACK_DIR", str(tmp_path))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+    assert sample_job.main(["--run-id", "abc", "--no-ema", "--method", "ancestral", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    d = json.loads(out)
+    assert (d["run_id"], d["ema"], d["method"]) == ("abc", False, "ancestral")
+    assert "very-secret" not in out
+
+
+def test_batches_cover_every_seed_once():
+    from pipeline.fanout import make_batches
+
+    batches = make_batches(1000, 23, 5)
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    assert [s for b in batches for s in b.seeds] == list(range(1000, 1023))
+    assert [b.start for b in batches] == [0, 5, 10, 15, 20]
+
+
+def test_fixed_shape_calls_make_images_independent_of_the_batch():
+    """Plain batched U-Net calls differ at ~1e-6 between batch sizes; calls of one fixed shape do not."""
+    from pipeline.fanout import FixedShapeCalls
+    from pipeline.sampler import SamplerOptions, sample
+    from pipeline.schedule import NoiseSchedule
+    from pipeline.unet import UNet, preset
+
+    torch.manual_seed(0)
+    model = UNet(preset("tiny", image_size=8, in_channels=1)).eval()
+    for p in model.parameters():  # the zero-initialised output conv would make every prediction 0
+        p.data.add_(0.05 * torch.randn_like(p))
+    sched, opts, seeds = NoiseSchedule(**SCHEDULE), SamplerOptions("ddim", steps=10), list(range(10))
+    call = FixedShapeCalls(model, 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full = sample(call, sched, seeds, (1, 8, 8), opts)
+        for bs in (1, 3, 7):
+            parts = [sample(call, sched, seeds[i : i + bs], (1, 8, 8), opts) for i in range(0, 10, bs)]
+            assert torch.equal(torch.cat(parts), full), bs
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sampler_tags_name_the_settings():
+    tag = sample_job.sampler_tag
+    assert tag("ddim", 50, 0.0, "fixed_small", True, True) == "ddim50-ema"
+    assert tag("ddim", 20, 0.5, "fixed_small", False, False) == "ddim20-eta0.5-noclip-raw"
+    assert tag("ancestral", 1000, 0.0, "fixed_large", True, True) == "ancestral1000-large-ema"
+
+
+def test_ray_addresses(monkeypatch, tmp_path):
+    from pipeline.fanout import AddressError, resolve_address
+
+    monkeypatch.setenv("DDPM_STACK_DIR", str(tmp_path))
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.setenv(var, "")  # restored after the test, whatever resolve_address sets
+    assert resolve_address(None) == "local"
+    assert resolve_address("10.1.2.3:6379") == "10.1.2.3:6379"
+    assert resolve_address("ray://head:10001") == "ray://head:10001"
+    with pytest.raises(AddressError, match="ray job submit"):
+        resolve_address("http://10.1.2.3:8265")
+    # The local stack's dashboard URL -> its GCS address, with its Ray token.
+    (tmp_path / "stack.json").write_text(json.dumps({"ray_dashboard_port": 18265, "ray_port": 16379}))
+    (tmp_path / "env.json").write_text(json.dumps({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t0k"}))
+    assert resolve_address("http://127.0.0.1:18265") == "127.0.0.1:16379"
+    assert os.environ["RAY_AUTH_TOKEN"] == "t0k"
+
+
+# ------------------------------------------------------------------------------------------------
+# With the stack
+
+
+@pytest.fixture(scope="module")
+def env(stack):
+    """The stack's environment for the whole module (the stack_env fixture is per test)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in stack.env.items():
+            mp.setenv(key, value)
+        refresh_ray_auth()
+        yield stack.env
+    refresh_ray_auth()
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    url = f"s3://ddpm-data/test-sample-{uuid.uuid4().hex[:8]}/digits"
+    bench_sample.prepare_digits(url)
+    threads = torch.get_num_threads()
+    state = bench_sample.train_state(
+        url, preset="tiny", schedule=SCHEDULE, steps=100, batch_size=32, lr=3e-3, threads=1
+    )
+    torch.set_num_threads(threads)
+    run_id = bench_sample.log_training_run(env["MLFLOW_TRACKING_URI"], state, data_url=url, preset="tiny")
+    yield SimpleNamespace(url=url, run_id=run_id, state=state, uri=env["MLFLOW_TRACKING_URI"])
+    # The dataset and its cached feature net (the MLflow runs stay, as a training job's would).
+    from pipeline.data.storage import delete_urls, list_urls
+
+    storage = bench_sample._storage()
+    delete_urls(list(list_urls(url.rsplit("/", 1)[0], storage)), storage)
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _evaluate(trained, *args, after_batch=None) -> dict:
+    s = sample_job.SampleSettings.from_cli(["--run-id", trained.run_id, *FAST, *args])
+    return sample_job.run(s, after_batch=after_batch)
+
+
+def _npz(trained, summary, tmp_path) -> dict[str, np.ndarray]:
+    local = _client(trained.uri).download_artifacts(
+        trained.run_id, summary["artifacts"]["samples.npz"], str(tmp_path / uuid.uuid4().hex)
+    )
+    with np.load(local) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _expected(trained, seeds) -> np.ndarray:
+    """The images of ``seeds`` computed here, in this process, as an actor computes them."""
+    from pipeline.checkpoint import load_sampling_export, sampling_export
+    from pipeline.fanout import FixedShapeCalls
+    from pipeline.sampler import SamplerOptions, sample, to_uint8
+    from pipeline.schedule import NoiseSchedule
+    from pipeline.training import model_for_sampling
+
+    state = load_sampling_export(sampling_export(trained.state.state_dict()))
+    model = FixedShapeCalls(model_for_sampling(state, ema=True), CHUNK)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors
+    try:
+        x = sample(model, NoiseSchedule.from_dict(SCHEDULE), seeds, (1, 8, 8), SamplerOptions("ddim", steps=10))
+    finally:
+        torch.set_num_threads(threads)
+    return to_uint8(x)
+
+
+@pytest.mark.stack
+def test_fanout_is_seed_addressed_and_lands_in_the_run(trained, tmp_path):
+    one = _evaluate(trained, "--num-images", "20", "--batch-size", "7", "--workers", "1", "--name", "w1-b7")
+    two = _evaluate(
+        trained, "--num-images", "20", "--batch-size", "4", "--workers", "2", "--name", "w2-b4", "--no-quality"
+    )
+    a, b = _npz(trained, one, tmp_path), _npz(trained, two, tmp_path)
+    np.testing.assert_array_equal(a["seeds"], np.arange(20))
+    np.testing.assert_array_equal(b["seeds"], np.arange(20))
+    assert a["images"].dtype == np.uint8 and a["images"].shape == (20, 8, 8, 1)
+    assert np.array_equal(a["images"], b["images"])  # byte-identical per seed: 1 vs 2 actors, batch 7 vs 4
+    assert len({img.tobytes() for img in a["images"]}) == 20  # and different seeds differ
+    np.testing.assert_array_equal(a["images"][[3, 11]], _expected(trained, [3, 11]))
+
+    # The grid, served by the tracking server.
+    q = urllib.parse.urlencode({"path": one["artifacts"]["grid.png"], "run_uuid": trained.run_id})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{trained.uri}/get-artifact?{q}", timeout=30) as r:
+        assert r.status == 200
+        png = r.read()
+    from PIL import Image
+
+    grid = Image.open(io.BytesIO(png))
+    assert grid.format == "PNG" and grid.size == (5 * 34 + 2, 4 * 34 + 2)  # 20 images: 5 x 4 cells of 32 px
+
+    # Metrics in the run, at the checkpoint's step; the JSON documents beside the images.
+    client = _client(trained.uri)
+    step = trained.state.images_seen
+    metrics = client.get_run(trained.run_id).data.metrics
+    for key in ("fd_digitcnn", "fd_digitcnn_floor", "images_per_s", "model_evals_per_image", "wall_s"):
+        assert f"eval/ddim10-ema/{key}" in metrics, key
+    hist = client.get_metric_history(trained.run_id, "eval/ddim10-ema/fd_digitcnn")
+    assert len(hist) == 1 and hist[0].step == step and np.isfinite(hist[0].value) and hist[0].value > 0
+    assert metrics["eval/ddim10-ema/model_evals_per_image"] == 10
+    assert metrics["eval/ddim10-ema/digitcnn_eval_accuracy"] >= 0.9
+    files = {f.path for f in client.list_artifacts(trained.run_id, "eval/w1-b7")}
+    assert files == {f"eval/w1-b7/{n}" for n in ("grid.png", "samples.npz", "settings.json", "metrics.json")}
+    settings = json.loads(
+        Path(client.download_artifacts(trained.run_id, "eval/w1-b7/settings.json", str(tmp_path))).read_text()
+    )
+    assert settings["checkpoint"]["artifact"] == f"checkpoints/images_{step:012d}.pt"
+    assert settings["sampler"]["method"] == "ddim" and settings["sampler"]["model_evals_per_image"] == 10
+    assert settings["seeds"] == {"first": 0, "last": 19, "count": 20}
+    assert settings["settings"]["storage"]["secret_access_key"] != os.environ["AWS_SECRET_ACCESS_KEY"]
+    doc = json.loads(
+        Path(client.download_artifacts(trained.run_id, "eval/w1-b7/metrics.json", str(tmp_path))).read_text()
+    )
+    assert doc["quality"]["feature_net"]["url"].startswith(trained.url + "/feature-net/")
+    assert doc["cost"]["workers"] == 1 and two["metrics"]["eval/ddim10-ema/workers"] == 2
+
+
+@pytest.mark.stack
+def test_killed_actor_batches_are_rerun_every_seed_once(trained, tmp_path):
+    killed: list[int] = []
+
+    def crash_one_actor(pool, batch):
+        if not killed:
+            pid = pool.actor_pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    out = _evaluate(
+        trained,
+        *("--num-images", "24", "--batch-size", "3", "--workers", "2", "--first-seed", "100", "--no-quality"),
+        *("--name", "crash"),
+        after_batch=crash_one_actor,
+    )
+    assert killed
+    assert out["metrics"]["eval/ddim10-ema/actor_failures"] == 1
+    z = _npz(trained, out, tmp_path)
+    np.testing.assert_array_equal(z["seeds"], np.arange(100, 124))  # every seed exactly once, in order
+    np.testing.assert_array_equal(z["images"], _expected(trained, list(range(100, 124))))
+
+
+@pytest.mark.stack
+def test_unknown_run_id_fails_clearly(env):
+    bad = "0123456789abcdef0123456789abcdef"
+    out = subprocess.run(
+        [sys.executable, "jobs/sample.py", "--run-id", bad],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180, env=os.environ.copy(),
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert bad in out.stderr and "not found" in out.stderr
+
+
+@pytest.mark.stack
+def test_runs_without_a_usable_checkpoint_fail_clearly(trained, capsys, tmp_path):
+    no_ckpt = bench_sample.log_training_run(trained.uri, trained.state, data_url=trained.url, preset="tiny",
+                                            checkpoint=False)  # fmt: skip
+    assert sample_job.main(["--run-id", no_ckpt, *FAST]) == 1
+    err = capsys.readouterr().err
+    assert no_ckpt in err and "checkpoints/images_<N>.pt" in err
+
+    assert sample_job.main(["--run-id", trained.run_id, "--checkpoint", "images_7", *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "images_000000000007.pt" in err and f"images_{trained.state.images_seen:012d}.pt" in err
+
+    assert sample_job.main(["--run-id", trained.run_id, "--method", "ddim", "--steps", "500"]) == 2
+    assert "steps" in capsys.readouterr().err
+
+    # A checkpoint the code cannot rebuild: weights of another U-Net under the same name.
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.checkpoint import sampling_export
+
+    broken = bench_sample.log_training_run(trained.uri, trained.state, data_url=trained.url, preset="tiny",
+                                           checkpoint=False)  # fmt: skip
+    state = trained.state.state_dict()
+    state["unet"] = {**state["unet"], "base_channels": 32}
+    path = tmp_path / f"images_{1:012d}.pt"
+    path.write_bytes(sampling_export(state))
+    MlflowClient(trained.uri).log_artifact(broken, str(path), "checkpoints")
+    assert sample_job.main(["--run-id", broken, *FAST]) == 1
+    err = capsys.readouterr().err
+    assert broken in err and "checkpoints/images_000000000001.pt" in err and "U-Net" in err
+
+
+@pytest.mark.stack
+def test_ray_job_submit(trained):
+    cmd = [
+        str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", os.environ["RAY_ADDRESS"],
+        "--working-dir", str(REPO_ROOT), "--",
+        "python", "jobs/sample.py", "--run-id", trained.run_id, "--num-images", "8", "--batch-size", "8",
+        *FAST, "--no-quality", "--name", "submitted",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "eval/submitted/samples.npz" in out.stdout
+    files = {f.path for f in _client(trained.uri).list_artifacts(trained.run_id, "eval/submitted")}
+    assert "eval/submitted/samples.npz" in files
