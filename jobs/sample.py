@@ -405,7 +405,8 @@ def run(s: SampleSettings, *, after_batch: Callable | None = None, log: Callable
 
         import ray
 
-        from pipeline.fanout import PoolError, SamplingPool, connect, make_batches
+        from pipeline.cluster import connect
+        from pipeline.fanout import PoolError, SamplingPool, make_batches
 
         ray_started = not ray.is_initialized()
         try:

@@ -126,7 +126,7 @@ def launch(settings: Settings, run_name: str, mlflow_run_id: str | None):
     """Run the TorchTrainer on the cluster of ``settings.cluster``; returns Ray Train's Result."""
     from pipeline.cluster import connect
 
-    connect(settings.cluster.address)  # before Ray's other modules are imported (see connect)
+    connect(settings.cluster.address)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

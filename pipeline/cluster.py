@@ -1,46 +1,168 @@
-"""Connecting a job's driver to Ray: inside ``ray job submit``, from a shell, or a local Ray."""
+"""Connecting a job's driver to Ray: inside ``ray job submit``, from a shell, or a new local Ray.
+
+``connect`` turns the addresses this project uses into a ``ray.init`` call, including the Jobs API
+URL ``http://host:8265`` that ``RAY_ADDRESS`` holds for the local stack (infra/stack.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 from pipeline.config import stack_env_file
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
-def ray_init_address(address: str | None) -> str | None:
-    """The address ``ray.init`` takes for ``cluster.address``.
 
-    ``RAY_ADDRESS`` for the Jobs API is the dashboard's http:// URL, which ``ray.init`` refuses.
-    Inside a submitted job Ray sets RAY_ADDRESS to the cluster's own address, so an http URL means
-    a driver started from a shell: connect to the local stack's head (its GCS port is in
-    stack.json), with the stack's Ray token. No address at all starts a local Ray.
+class AddressError(ValueError):
+    """A Ray address that ``ray.init`` cannot use and that could not be translated."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Connecting
+
+
+def in_ray_job() -> bool:
+    """True inside a driver started by ``ray job submit`` (Ray sets RAY_ADDRESS to the GCS itself)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def _stack_gcs_address(host: str, port: int) -> tuple[str | None, dict[str, str]]:
+    """GCS address of the local stack (infra/stack.py) whose dashboard is host:port, and its env."""
+    state = stack_env_file().parent
+    try:
+        saved = json.loads((state / "stack.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, {}
+    if host not in LOOPBACK or int(saved.get("ray_dashboard_port", -1)) != port:
+        return None, {}
+    env: dict[str, str] = {}
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        env = json.loads((state / "env.json").read_text())
+    return f"127.0.0.1:{int(saved['ray_port'])}", env
+
+
+def _local_ray_args(exe_suffix: str) -> list[dict[str, str]]:
+    """``--key=value`` options of the local processes whose argv has an entry ending in ``exe_suffix``."""
+    proc = Path("/proc")
+    out: list[dict[str, str]] = []
+    if not proc.is_dir():
+        return out
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in (d / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if any(a.endswith(exe_suffix) for a in argv[:3]):
+            out.append(dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a))
+    return out
+
+
+def _local_dashboard_gcs_address(port: int) -> str | None:
+    """GCS address of a Ray running on this machine whose dashboard listens on ``port`` (Linux /proc)."""
+    for opts in _local_ray_args("dashboard/dashboard.py"):
+        if opts.get("port") == str(port) and opts.get("gcs-address"):
+            return opts["gcs-address"]
+    return None
+
+
+def _local_gcs_node_ip(port: int) -> str | None:
+    """--node-ip-address of the GCS server listening on ``port`` on this machine, if there is one."""
+    for opts in _local_ray_args("gcs_server"):
+        if opts.get("gcs_server_port") == str(port):
+            return opts.get("node-ip-address")
+    return None
+
+
+def _use_loopback() -> None:
+    """Make this driver's Ray use 127.0.0.1 as its node address.
+
+    Ray replaces a loopback GCS address with the machine's address before connecting
+    (``resolve_ip_for_localhost``), which fails for a head started with --node-ip-address=127.0.0.1
+    (the local stack's). ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which the stack gives its own Ray
+    processes, turns that off; Ray reads it at import, so the constant is set as well.
     """
-    if not address or not address.startswith(("http://", "https://")):
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def resolve_address(address: str | None) -> str:
+    """What to give ``ray.init`` for ``cluster.address``.
+
+    None: a new local Ray ("local"; never some other cluster found on the machine). "auto",
+    host:port (GCS) and ray://host:port (Ray Client) pass through. http(s)://host:port is the
+    dashboard / Jobs API URL, which ``ray.init`` does not take: on this machine it is translated to
+    the GCS address of the Ray whose dashboard it is (the local stack's records, else the running
+    dashboard process); elsewhere the error says what to use instead.
+    """
+    if not address or address == "local":
+        return "local"
+    if not address.startswith(("http://", "https://")):
         return address
-    env_file = stack_env_file()
-    stack_file = env_file.with_name("stack.json")
-    if not stack_file.is_file():
-        raise RuntimeError(
-            f"RAY_ADDRESS={address} is a dashboard URL: submit with `ray job submit --address {address} -- "
-            f"python ...`, or set RAY_ADDRESS to the cluster's GCS address (host:port)"
-        )
-    env = json.loads(env_file.read_text())
-    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        if var in env:
-            os.environ.setdefault(var, env[var])
-    return f"127.0.0.1:{json.loads(stack_file.read_text())['ray_port']}"
+    u = urlparse(address)
+    host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    gcs, env = _stack_gcs_address(host, port)
+    if gcs:
+        # The stack's Ray wants its token; env.json has it when the caller's environment does not.
+        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            if env.get(k) and not os.environ.get(k):
+                os.environ[k] = env[k]
+        return gcs
+    if host in LOOPBACK:
+        gcs = _local_dashboard_gcs_address(port)
+        if gcs:
+            return gcs
+    raise AddressError(
+        f"cluster.address={address!r} is a Ray dashboard / Jobs API URL, which ray.init cannot connect to, "
+        "and it is not a Ray running on this machine. Give the cluster's GCS address (host:6379) or a Ray "
+        f"Client address (ray://host:10001), or submit the job: ray job submit --address {address} "
+        "--working-dir . -- python jobs/sample.py ..."
+    )
 
 
-def connect(address: str | None) -> None:
-    address = ray_init_address(address)
-    kwargs = {}
-    if address and address.startswith(("127.", "localhost")):
-        # A loopback-only head (infra/stack.py): without these Ray 2.60 tells the driver the
-        # machine's own address for the GCS, where nothing listens.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        kwargs["_node_ip_address"] = "127.0.0.1"
+def connect(address: str | None, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``ray.init`` for ``cluster.address`` (see ``resolve_address``); returns what was connected to.
+
+    Outside a Ray job, a driver that joins an existing cluster ships this package to the workers
+    (``runtime_env.py_modules``), so the cluster needs torch but not this repository.
+    """
+    auth_before = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    target = "auto" if in_ray_job() else resolve_address(address)
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, **kwargs)
+    if ray.is_initialized():
+        return {"address": "already connected", "started_local": False}
+    if auth_before != {k: os.environ.get(k) for k in auth_before}:
+        # Ray caches its auth settings when first imported; the stack's token was only set now.
+        with contextlib.suppress(ImportError, AttributeError):
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    host, _, port = target.rpartition(":")
+    if host in LOOPBACK and port.isdigit() and _local_gcs_node_ip(int(port)) in LOOPBACK:
+        _use_loopback()
+    if target == "local":
+        kwargs["include_dashboard"] = False
+    elif not in_ray_job():
+        import pipeline
+
+        kwargs["runtime_env"] = {"py_modules": [pipeline]}
+    ray.init(address=target, **kwargs)
+    res = ray.cluster_resources()
+    log(
+        f"ray: connected to {'a new local Ray' if target == 'local' else target} "
+        f"({res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs)"
+    )
+    return {"address": target, "started_local": target == "local", "resources": res}

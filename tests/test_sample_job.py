@@ -131,7 +131,7 @@ def test_sampler_tags_name_the_settings():
 
 
 def test_ray_addresses(monkeypatch, tmp_path):
-    from pipeline.fanout import AddressError, resolve_address
+    from pipeline.cluster import AddressError, resolve_address
 
     monkeypatch.setenv("DDPM_STACK_DIR", str(tmp_path))
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
