@@ -119,17 +119,7 @@ def main() -> int:
     from pipeline.data.manifest import open_manifest
 
     try:
-        open_manifest(
-            "s3://ddpm-data/digits",
-            StorageConfig(
-                **{
-                    "endpoint_url": env["AWS_ENDPOINT_URL"],
-                    "access_key_id": env["AWS_ACCESS_KEY_ID"],
-                    "secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
-                }
-            ),
-            "train",
-        )
+        open_manifest("s3://ddpm-data/digits", StorageConfig.from_env(env), "train")
     except Exception:
         import subprocess
 

@@ -81,11 +81,7 @@ def main() -> int:
         from pipeline.config import StorageConfig
         from pipeline.data.manifest import open_manifest
 
-        storage = StorageConfig(
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            access_key_id=env["AWS_ACCESS_KEY_ID"],
-            secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        )
+        storage = StorageConfig.from_env(env)
         try:
             m = open_manifest("s3://ddpm-data/digits", storage, "train")
             print(f"digits shards already in S3 ({m.num_samples} training images): reusing them")

@@ -160,6 +160,17 @@ class StorageConfig(Section):
     region: str = Field("us-east-1", description="S3 region (env AWS_DEFAULT_REGION)")
     checkpoint_url: str = Field("s3://ddpm-checkpoints/runs", description="where Ray Train keeps run checkpoints")
 
+    @classmethod
+    def from_env(cls, env: dict[str, str], **overrides) -> StorageConfig:
+        """From the services' standard variables (e.g. the local stack's env.json)."""
+        return cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL"),
+            access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+            region=env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            **overrides,
+        )
+
     def boto3_kwargs(self) -> dict[str, Any]:
         return {
             "endpoint_url": self.endpoint_url,

@@ -47,12 +47,7 @@ UNEVEN = [400, 37, 300, 120, 250, 10, 350, 150]  # 1617 samples in deliberately 
 
 
 def storage_of(env: dict[str, str]) -> StorageConfig:
-    return StorageConfig(
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        access_key_id=env["AWS_ACCESS_KEY_ID"],
-        secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region=env.get("AWS_DEFAULT_REGION") or "us-east-1",
-    )
+    return StorageConfig.from_env(env)
 
 
 _DIGITS: list[tuple[str, int, bytes]] = []

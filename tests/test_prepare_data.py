@@ -39,12 +39,7 @@ def run_job(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 
 def storage_of(env: dict[str, str]) -> StorageConfig:
-    return StorageConfig(
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        access_key_id=env["AWS_ACCESS_KEY_ID"],
-        secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region=env.get("AWS_DEFAULT_REGION") or "us-east-1",
-    )
+    return StorageConfig.from_env(env)
 
 
 @pytest.fixture(scope="module")
