@@ -1,0 +1,327 @@
+"""Speed options change speed, not results: channels_last, SDPA vs math attention, torch.compile and
+bf16 autocast against fp32 eager; the sampler's fast paths; the seed-000-style baseline; bench smoke.
+
+Tolerances (float32 on this CPU): a different convolution/attention kernel reorders sums, so losses
+agree to ~1e-6 relative and samples to ~1e-5 absolute; 1e-4 is asserted. bf16 autocast keeps an
+8-bit mantissa: a loss within 2% relative.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.loss import diffusion_loss
+from pipeline.perf import (
+    count_flops,
+    interleaved,
+    model_flops,
+    paired_speedup,
+    peak_tflops,
+    perturb_,
+    seed_sampling,
+)
+from pipeline.sampler import CUDAGraphModel, SamplerOptions, SeededNoise, sample
+from pipeline.schedule import NoiseSchedule
+from pipeline.training import OptimConfig, TrainState
+from pipeline.unet import UNet, preset
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHED = NoiseSchedule("linear", 20)
+SHAPE = (1, 8, 8)
+
+
+def _tiny(attention: str = "sdpa", seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return perturb_(UNet(preset("tiny", image_size=8, in_channels=1, attention=attention)), 0.05, seed)
+
+
+def _pair(attention: str = "sdpa") -> tuple[UNet, UNet]:
+    """The same weights twice: contiguous and channels_last."""
+    a = _tiny(attention).eval().requires_grad_(False)
+    b = _tiny(attention).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    return a, b
+
+
+def _state(**cfg) -> TrainState:
+    attention = cfg.pop("attention", "sdpa")
+    return TrainState(
+        preset("tiny", image_size=8, in_channels=1, attention=attention),
+        NoiseSchedule("linear", 100),
+        OptimConfig(lr=1e-3, warmup_images=0, **cfg),
+        seed=0,
+    )
+
+
+def _batch(i: int) -> torch.Tensor:
+    return torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) * 2 - 1
+
+
+def _losses(state: TrainState, steps: int = 3) -> list[float]:
+    return [state.train_step([_batch(i)]).loss_sum for i in range(steps)]
+
+
+# -- training options ---------------------------------------------------------------------------------------
+
+
+def test_channels_last_training_matches_fp32_eager():
+    base, cl = _state(), _state(channels_last=True)
+    assert _losses(cl) == pytest.approx(_losses(base), rel=1e-4)
+    for p, q in zip(base.model.parameters(), cl.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q.contiguous(), rtol=1e-4, atol=1e-5)
+
+
+def test_math_attention_training_matches_sdpa():
+    # The tiny preset's only attention block is the middle one: enough to tell the kernels apart.
+    assert any(m.__class__.__name__ == "AttnBlock" for m in _state().model.modules())
+    base, math = _state(), _state(attention="math")
+    assert _losses(math) == pytest.approx(_losses(base), rel=1e-4)
+
+
+def test_compile_training_matches_eager_aot_eager_backend(monkeypatch):
+    """TrainState(compile=True) goes through parallelize's torch.compile; here with backend aot_eager.
+
+    aot_eager runs dynamo's graph capture and AOTAutograd's forward/backward split (the code path of
+    the real compile) but executes the captured ATen graph without generating kernels, so it takes
+    seconds on this CPU; inductor itself is test_compile_inductor_matches_eager below.
+    """
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real, backend="aot_eager"))
+    torch._dynamo.reset()
+    try:
+        base, comp = _state(), _state(compile=True)
+        assert comp.net is not comp.model  # really wrapped
+        assert _losses(comp) == pytest.approx(_losses(base), rel=1e-5)
+        for p, q in zip(base.model.parameters(), comp.model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(
+    os.environ.get("DDPM_TEST_INDUCTOR") != "1",
+    reason="inductor takes ~80 s to compile even the tiny U-Net on this 2-core CPU (over the test budget); "
+    "the compile code path is tested with backend aot_eager; DDPM_TEST_INDUCTOR=1 runs this",
+)
+def test_compile_inductor_matches_eager():
+    torch._dynamo.reset()
+    try:
+        base, comp = _state(), _state(compile=True)
+        assert _losses(comp, 2) == pytest.approx(_losses(base, 2), rel=1e-4)
+        model = _tiny().eval()
+        eager = sample(model, SCHED, range(4), SHAPE, SamplerOptions("ancestral"))
+        compiled = sample(model, SCHED, range(4), SHAPE, SamplerOptions("ancestral"), compile_mode="default")
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_bf16_autocast_loss_close_to_fp32_single_forward():
+    """Correctness only: bf16 on this CPU runs ~300x slower, so one small forward."""
+    model = _tiny().train()
+    x0 = _batch(0)[:4]
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            g = torch.Generator().manual_seed(3)
+            losses[dtype] = diffusion_loss(model, NoiseSchedule("linear", 100), x0, generator=g).mean.item()
+    assert losses[torch.bfloat16] == pytest.approx(losses[None], rel=2e-2)
+
+
+# -- sampling options ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ancestral", "ddim"])
+def test_channels_last_sampling_matches(method):
+    a, b = _pair()
+    opts = SamplerOptions(method, steps=10)
+    ref = sample(a, SCHED, range(6), SHAPE, opts)
+    got = sample(b, SCHED, range(6), SHAPE, opts, channels_last=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert ref.abs().max() > 0.1  # not a trivial all-zero model
+
+
+def test_math_attention_sampling_matches_sdpa():
+    sdpa = _tiny("sdpa").eval()
+    math = _tiny("math").eval()
+    ref = sample(sdpa, SCHED, range(6), SHAPE, SamplerOptions("ancestral"))
+    torch.testing.assert_close(
+        sample(math, SCHED, range(6), SHAPE, SamplerOptions("ancestral")), ref, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_sampler_compile_mode_matches_eager_and_keeps_one_call_per_step():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        model = _tiny().eval()
+        calls = []
+        handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+        ref = sample(model, SCHED, range(4), SHAPE, SamplerOptions("ancestral"))
+        handle.remove()
+        assert len(calls) == SCHED.num_timesteps
+        opts = dict(compile_mode="default", compile_backend="aot_eager")
+        got = sample(model, SCHED, range(4), SHAPE, SamplerOptions("ancestral"), **opts)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        # A second call wraps the model again but reuses dynamo's cache: nothing is recompiled.
+        again = sample(model, SCHED, range(4), SHAPE, SamplerOptions("ancestral"), **opts)
+        assert counters["stats"]["unique_graphs"] == graphs
+        torch.testing.assert_close(again, got, rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_cuda_graph_options_are_refused_off_gpu():
+    model = _tiny().eval()
+    with pytest.raises(ValueError, match="CUDA device"):
+        sample(model, SCHED, [0], SHAPE, cuda_graph=True)
+    with pytest.raises(ValueError, match="not both"):
+        sample(model, SCHED, [0], SHAPE, cuda_graph=True, compile_mode="reduce-overhead")
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        CUDAGraphModel(model)(torch.zeros(1, *SHAPE), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (jobs/bench.py checks this too)")
+def test_cuda_graph_and_reduce_overhead_match_eager_on_gpu():
+    model = _tiny().cuda().eval()
+    ref = sample(model, SCHED, range(8), SHAPE, SamplerOptions("ancestral"), device="cuda")
+    got = sample(model, SCHED, range(8), SHAPE, SamplerOptions("ancestral"), device="cuda", cuda_graph=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    wrapped = CUDAGraphModel(model)
+    for _ in range(2):  # captured once, replayed by both calls
+        got = sample(wrapped, SCHED, range(8), SHAPE, SamplerOptions("ancestral"), device="cuda")
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    got = sample(
+        model, SCHED, range(8), SHAPE, SamplerOptions("ancestral"), device="cuda", compile_mode="reduce-overhead"
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+
+
+# -- the seed-000-style baseline ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_seed_style_loop_equals_sample_given_the_same_noise(clip):
+    """The baseline of issue 2's comparison computes the same images: the comparison is like for like."""
+    model = _tiny().eval()
+    s = NoiseSchedule("linear", 25)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    noise = SeededNoise(range(6), SHAPE, torch.device("cpu"))
+    x_T = noise.initial()
+    ref = seed_sampling(model, s, x_T, clipping=clip, noise_fn=lambda _x: noise.next())
+    assert len(calls) == (2 if clip else 1) * 25  # the seed evaluates the model twice per clipped step
+    calls.clear()
+    got = sample(model, s, range(6), SHAPE, SamplerOptions("ancestral", clip=clip))
+    assert len(calls) == 25
+    handle.remove()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(got[0], got[1])
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def test_flop_count_matches_the_paper_cifar_model():
+    """The paper's CIFAR-10 model: 35.7M parameters, 6.05 GMAC of convolutions per 32x32 forward."""
+    torch.manual_seed(0)
+    model = UNet(preset("cifar", image_size=32, in_channels=3))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(35.7e6, rel=0.005)
+    x, t = torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        total, by_op = count_flops(lambda: model(x, t))
+    assert by_op["aten.convolution"] / 2e9 == pytest.approx(6.05, rel=0.005)
+    assert total / 1e9 == pytest.approx(12.44, rel=0.005)  # + attention (bmm) and the linear layers
+
+
+def test_model_flops_training_is_about_three_forwards():
+    f = model_flops(_tiny(), torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    assert 2.7 < f["train_over_fwd"] <= 3.0
+    assert f["fwd_flops_per_image"] > 0
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("x86_64 CPU, 2 threads") is None
+
+
+def test_interleaved_rounds_and_errors():
+    calls: list[str] = []
+    errors: dict[str, str] = {}
+
+    def bad():
+        calls.append("bad")
+        if calls.count("bad") > 1:
+            raise RuntimeError("boom")
+
+    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "bad": bad}
+    out = interleaved(runners, device=torch.device("cpu"), warmup=1, repeats=3, errors=errors)
+    assert set(out) == {"a", "b"} and errors == {"bad": "RuntimeError: boom"}
+    assert len(out["a"].times) == len(out["b"].times) == 3
+    assert paired_speedup([2.0, 2.0, 4.0], [1.0, 1.0, 1.0]) == 2.0
+
+
+# -- the bench itself ---------------------------------------------------------------------------------------
+
+# Runs jobs/bench.py as on a bare GPU box: with Ray, MLflow, pydantic, webdataset and boto3 unimportable.
+_BLOCKED_RUN = """
+import runpy, sys
+for name in ("ray", "mlflow", "pydantic", "pydantic_settings", "webdataset", "boto3", "tqdm", "pipeline.config"):
+    sys.modules[name] = None  # import raises ImportError; importlib.util.find_spec gives None
+sys.argv = ["jobs/bench.py", *sys.argv[1:]]
+runpy.run_path("jobs/bench.py", run_name="__main__")
+"""
+
+
+def _run_bench(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _BLOCKED_RUN, *args, "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_bench_quick_smoke_writes_valid_json(tmp_path):
+    d = _run_bench(tmp_path, "--preset", "tiny", "--image-size", "8", "--channels", "1", "--quick", "--device", "cpu")
+    assert {"meta", "flops", "train", "sample", "goals"} <= set(d)
+    assert d["meta"]["preset"] == "tiny" and d["meta"]["device"] == "cpu"
+    assert d["flops"]["fwd_flops_per_image"] > 0 and d["flops"]["fwd_bwd_flops_per_image"] > 0
+    train, samp = d["train"]["variants"], d["sample"]["variants"]
+    assert {"fp32", "math", "channels_last"} <= set(train) and {"fp32", "math", "channels_last"} <= set(samp)
+    assert train["fp32"]["speedup_vs_fp32"] == pytest.approx(1.0)
+    for r in train.values():
+        assert r["images_per_s"] > 0 and r["achieved_gflops"] > 0 and r["fraction_of_peak"] is None
+        assert r["loss_rel_diff_vs_fp32"] < 1e-4
+    for r in samp.values():
+        assert r["ancestral_1000_images_per_s"] > 0 and r["ddim50_images_per_s"] > r["ancestral_1000_images_per_s"]
+        assert r["max_abs_diff_vs_fp32"]["ancestral"] < 1e-4
+    # GPU-only options are listed with the reason they were not run.
+    assert "bf16" in d["train"]["skipped"] and "300x" in d["train"]["skipped"]["bf16"]
+    assert "cuda_graph" in d["sample"]["skipped"] and "compile" in d["sample"]["skipped"]
+    assert d["train"]["failed"] == {} and d["sample"]["failed"] == {}
+    assert d["goals"]["train_images_per_s"]["goal"] == 6000 and d["goals"]["train_images_per_s"]["met"] is None
+
+
+def test_bench_sampler_vs_seed_smoke(tmp_path):
+    d = _run_bench(tmp_path, "sampler-vs-seed", "--quick", "--preset", "tiny", "--no-channels-last")
+    assert set(d["ratios"]) == {"sample_vs_seed|clip", "sample_vs_seed|noclip"}
+    assert d["loops"]["seed|clip"]["model_evals_per_step"] == 2.0
+    assert d["loops"]["sample|clip"]["model_evals_per_step"] == 1.0
+    assert max(d["max_abs_diff_seed_vs_sample_same_noise"].values()) < 1e-3
