@@ -144,11 +144,9 @@ def connect(address: str | None, *, log: Callable[[str], None] = print) -> dict[
         return {"address": "already connected", "started_local": False}
     if auth_before != {k: os.environ.get(k) for k in auth_before}:
         # Ray caches its auth settings when first imported; the stack's token was only set now.
-        with contextlib.suppress(ImportError, AttributeError):
-            from ray._raylet import AuthenticationTokenLoader, Config
+        from infra.stack import refresh_ray_auth
 
-            Config.initialize("")
-            AuthenticationTokenLoader.instance().reset_cache()
+        refresh_ray_auth()
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     host, _, port = target.rpartition(":")
     if host in LOOPBACK and port.isdigit() and _local_gcs_node_ip(int(port)) in LOOPBACK:
