@@ -188,7 +188,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
                 print(
                     f"[train] {bad_in_row} non-finite steps in a row: rolling back to the last checkpoint", flush=True
                 )
-            if not restore(state, reader, session, rank, world, required=True):
+            if not restore(state, reader, session, rank, world):
                 raise RuntimeError("training diverged and there is no checkpoint to roll back to")
             batches, bad_in_row = reader.stream(), 0
             next_ckpt = (state.images_seen // every_ckpt + 1) * every_ckpt
@@ -304,7 +304,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore(state: TrainState, reader, session: Session, rank: int, world: int, *, required: bool = False) -> dict:
+def restore(state: TrainState, reader, session: Session, rank: int, world: int) -> dict:
     """Load the newest complete checkpoint (all ranks agree on which); {} if there is none."""
     chosen = None
     if rank == 0:
