@@ -51,7 +51,7 @@ DEFAULT_PORTS = {
     "mlflow_port": 5000,
     "ray_dashboard_port": 8265,
     "ray_port": 6379,  # GCS; +1 Ray client server, +2 dashboard agent, +3/+4 autoscaler/dashboard metrics
-    "weed_port_base": 9333,  # weed's master, volume, filer, admin: base..base+3, gRPC at +10000
+    "weed_port_base": 9333,  # weed's master, volume, filer, admin: base..base+3, gRPC at +10000; S3 gRPC base+10004
 }
 PORT_ENV = {
     "s3_port": "DDPM_STACK_S3_PORT",
@@ -98,7 +98,8 @@ class StackConfig:
         if len(set(ports)) != len(ports):
             raise ValueError(f"stack ports overlap: {self.service_ports()}")
         if not all(1024 <= p <= 65535 for p in ports):
-            raise ValueError(f"stack ports must lie in 1024..65535: {self.service_ports()}")
+            bad = {k: v for group in self.service_ports().values() for k, v in group.items() if not 1024 <= v <= 65535}
+            raise ValueError(f"stack ports must lie in 1024..65535; out of range: {bad} (all: {self.service_ports()})")
 
     @classmethod
     def resolve(
@@ -134,10 +135,12 @@ class StackConfig:
 
     def weed_ports(self) -> dict[str, int]:
         """weed's internal ports. gRPC sits at HTTP + 10000, weed's own convention: its embedded
-        maintenance worker dials the admin server there whatever -admin.port.grpc says."""
+        maintenance worker dials the admin server there whatever -admin.port.grpc says. The S3
+        gateway's gRPC port sits beside them rather than at S3 + 10000, so any S3 port up to
+        65535 can be chosen."""
         http = {"master": self.weed_port_base, "volume": self.weed_port_base + 1}
         http |= {"filer": self.weed_port_base + 2, "admin": self.weed_port_base + 3}
-        return http | {f"{k}.grpc": v + 10000 for k, v in http.items()} | {"s3.grpc": self.s3_port + 10000}
+        return http | {f"{k}.grpc": v + 10000 for k, v in http.items()} | {"s3.grpc": self.weed_port_base + 10004}
 
     def service_ports(self) -> dict[str, dict[str, int]]:
         return {

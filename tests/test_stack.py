@@ -244,6 +244,17 @@ def test_nothing_listens_beyond_loopback(stack):
     assert [b for b in bound if not _is_loopback(b[2])] == []
 
 
+def test_any_s3_port_up_to_65535_is_accepted_and_bad_ports_are_named(tmp_path):
+    # The OS hands out ephemeral ports up to ~61000; the S3 port must not drag a derived port past 65535.
+    config = StackConfig.resolve(state_dir=tmp_path, environ={}, s3_port=65000)
+    ports = [p for group in config.service_ports().values() for p in group.values()]
+    assert config.s3_port == 65000 and max(ports) <= 65535 and len(set(ports)) == len(ports)
+    with pytest.raises(ValueError, match=r"out of range: \{'weed master.grpc': 70000"):
+        StackConfig.resolve(state_dir=tmp_path, environ={}, weed_port_base=60000)
+    with pytest.raises(ValueError, match="overlap"):
+        StackConfig.resolve(state_dir=tmp_path, environ={}, mlflow_port=8333)
+
+
 def test_a_port_taken_by_another_process_is_named(tmp_path):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
