@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    try:
+        connect_and_choose_device(settings)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
     mlflow_run_id = None
     if settings.tracking.uri:
         from pipeline.tracking import find_or_create_run
@@ -122,17 +128,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def launch(settings: Settings, run_name: str, mlflow_run_id: str | None):
-    """Run the TorchTrainer on the cluster of ``settings.cluster``; returns Ray Train's Result."""
+class DeviceError(ValueError):
+    """The settings ask for a device the cluster cannot give."""
+
+
+def connect_and_choose_device(settings: Settings) -> bool:
+    """Connect to the cluster; True if the workers get a GPU each. Refuses what cannot work well."""
     from pipeline.cluster import connect
 
     connect(settings.cluster.address)
     import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    mode = settings.cluster.use_gpu
+    if mode == "yes" and gpus < settings.cluster.num_workers:
+        # Ray would wait for the GPUs for ever instead of failing.
+        raise DeviceError(
+            f"cluster.use_gpu=yes asks for {settings.cluster.num_workers} GPU worker(s) but the cluster has "
+            f"{gpus:g} GPU(s); use --cluster.use-gpu auto or no, or fewer --cluster.num-workers"
+        )
+    use_gpu = mode == "yes" or (mode == "auto" and gpus >= 1)
+    if settings.train.precision == "bf16" and not use_gpu:
+        raise DeviceError(
+            "train.precision=bf16 needs GPU workers, and these run on CPU (bf16 autocast is about 300x "
+            "slower than fp32 on CPUs); use --train.precision fp32"
+        )
+    return use_gpu
+
+
+def launch(settings: Settings, run_name: str, mlflow_run_id: str | None):
+    """Run the TorchTrainer on the cluster of ``settings.cluster``; returns Ray Train's Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = settings.cluster.use_gpu == "yes" or (settings.cluster.use_gpu == "auto" and gpus >= 1)
+    use_gpu = connect_and_choose_device(settings)
     fs, path = filesystem(settings.storage.checkpoint_url, settings.storage)
     # Secrets travel inside the Ray cluster only, in the worker config (never printed).
     config = {"settings": settings.model_dump(mode="python"), "run_name": run_name, "mlflow_run_id": mlflow_run_id}

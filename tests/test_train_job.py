@@ -227,6 +227,30 @@ def test_existing_run_name_is_not_silently_resumed(stack, uninterrupted):
     assert r.returncode == 2 and "no run named 'no-such-run'" in r.stderr
 
 
+def test_devices_the_cpu_cluster_lacks_are_refused_before_tracking(stack, digits_shards):
+    from mlflow.tracking import MlflowClient
+
+    env = {**os.environ, **stack.env}
+    cases = {
+        "bf16": (["--train.precision", "bf16"], "train.precision=bf16 needs GPU workers"),
+        "gpu": (["--cluster.use-gpu", "yes"], "cluster.use_gpu=yes asks for 2 GPU worker(s) but the cluster has 0"),
+    }
+    for key, (flags, message) in cases.items():
+        name = f"test-device-{key}-{uuid.uuid4().hex[:6]}"
+        r = subprocess.run(
+            [sys.executable, str(TRAIN), *COMMON, "--train.run-name", name, *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        exp = client.get_experiment_by_name("ddpm")
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`ddpm.run_name` = '{name}'") if exp else []
+        assert runs == [] and s3_checkpoints(env, name) == []
+
+
 def test_bad_config_exits_before_any_cluster_work(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "DDPM_STACK_DIR": str(tmp_path)}
     t0 = time.monotonic()
