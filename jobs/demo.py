@@ -36,7 +36,6 @@ TRAIN_ARGS = [
     "--sample.method", "ddim",
     "--sample.steps", "100",
     "--cluster.num-workers", "2",
-    "--data.loader-workers", "1",
 ]  # fmt: skip
 SAMPLE_ARGS = ["--num-images", "256", "--batch-size", "64", "--workers", "2"]
 

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
@@ -96,8 +96,20 @@ class DataConfig(Section):
     )
     shuffle_buffer: int = Field(1000, ge=0, description="samples held in the shuffle buffer (0 disables shuffling)")
     hflip: bool = Field(False, description="random horizontal flips (off for digits: flips change their meaning)")
-    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training process")
+    loader_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto",
+        description="DataLoader worker processes per training process (0: read in the process itself); "
+        "auto: 2 with a GPU, 0 on CPU, where the trainer already uses the cores it was given",
+    )
     strict: bool = Field(False, description="fail at the first bad shard or sample instead of skipping and counting it")
+
+    def workers_for(self, device: str) -> int:
+        """The number of DataLoader workers on ``device`` ("cuda" or "cpu")."""
+        if self.loader_workers != "auto":
+            return self.loader_workers
+        # On CPU a loader process competes with the training step for the same cores: with 2 workers
+        # on 2 cores, reading in-process trained at 731 img/s vs 652 with one loader each (docs/data.md).
+        return 2 if device == "cuda" else 0
 
 
 class TrainConfig(Section):

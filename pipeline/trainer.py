@@ -131,7 +131,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
     state = TrainState(settings.unet_config(), schedule, optim_config(settings), device=device, seed=t.seed, rank=rank)
     per_rank_batch = t.batch_size // world
     reader = ShardReader(
-        settings.data,
+        settings.data.model_copy(update={"loader_workers": settings.data.workers_for(device.type)}),
         settings.storage,
         split="train",
         rank=rank,

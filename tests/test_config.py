@@ -67,12 +67,23 @@ def test_service_variables_and_stack_file(monkeypatch, tmp_path):
         (["--train.resume"], "train.run_name"),
         (["--sample.method", "euler"], "sample.method"),
         (["--no-such-flag", "1"], "unrecognized arguments"),
+        (["--data.loader-workers", "-1"], "data.loader_workers"),
+        (["--data.loader-workers", "many"], "data.loader_workers"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(argv, needle):
     with pytest.raises(ConfigError) as e:
         Settings.from_cli(argv)
     assert needle in str(e.value)
+
+
+def test_loader_workers_auto_depends_on_the_device(monkeypatch):
+    d = Settings.from_cli([]).data
+    assert d.loader_workers == "auto" and (d.workers_for("cpu"), d.workers_for("cuda")) == (0, 2)
+    d = Settings.from_cli(["--data.loader-workers", "3"]).data
+    assert d.loader_workers == 3 and (d.workers_for("cpu"), d.workers_for("cuda")) == (3, 3)
+    monkeypatch.setenv("DDPM_DATA__LOADER_WORKERS", "0")
+    assert Settings.from_cli([]).data.workers_for("cuda") == 0
 
 
 def test_flat_params_for_tracking():

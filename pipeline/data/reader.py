@@ -541,7 +541,8 @@ class ShardReader:
 
     Args:
         data: DataConfig (url, image_size and channels checked against the manifest,
-            shuffle_buffer, hflip, loader_workers, strict).
+            shuffle_buffer, hflip, loader_workers, strict); ``loader_workers="auto"`` means 2 when CUDA
+            is available, else 0 (the trainer resolves it for its own device first).
         storage: StorageConfig (or a dict of boto3 client keywords) for s3:// URLs.
         split: "train" or "eval" (a sub-directory of ``data.url``).
         rank, world_size: this process's DDP rank and the number of ranks.
@@ -580,7 +581,8 @@ class ShardReader:
         if m.num_samples == 0 or not m.shards:
             raise ManifestError(f"dataset {m.url} has no samples", url=m.url)
         counts = [s.samples for s in m.shards]
-        self.streams_per_rank = max(1, data.loader_workers)
+        self.loader_workers = data.workers_for("cuda" if torch.cuda.is_available() else "cpu")
+        self.streams_per_rank = max(1, self.loader_workers)
         self.batches_per_epoch = max(1, math.ceil(m.num_samples / (world_size * batch_size)))
         if len(counts) < world_size or m.num_samples - (world_size - 1) * max(counts) < world_size * (
             self.batches_per_epoch
@@ -694,7 +696,7 @@ class ShardReader:
                     source = self._open(epoch, batch)
                 ahead = None
                 for out in self._ordered(source, epoch, batch):
-                    if out.index >= early and ahead is None and self.data.loader_workers > 0:
+                    if out.index >= early and ahead is None and self.loader_workers > 0:
                         ahead = ((epoch + 1, 0), self._open(epoch + 1, 0))
                     yield out
         finally:
@@ -704,7 +706,7 @@ class ShardReader:
     def _open(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         """The unordered batches of one epoch; with workers, they start reading at once."""
         dataset = _EpochDataset(self._spec, self.plan(epoch), self.rank, start_batch)
-        workers = self.data.loader_workers
+        workers = self.loader_workers
         if workers == 0:
             return iter(dataset)
         loader = DataLoader(
