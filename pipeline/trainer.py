@@ -188,8 +188,14 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
                 print(
                     f"[train] {bad_in_row} non-finite steps in a row: rolling back to the last checkpoint", flush=True
                 )
-            if not restore(state, reader, session, rank, world):
-                raise RuntimeError("training diverged and there is no checkpoint to roll back to")
+            batches.close()  # stops this stream's DataLoader workers before the rewound one starts
+            back = restore(state, reader, session, rank, world)
+            if not back:
+                raise RuntimeError(
+                    f"training diverged ({bad_in_row} non-finite steps in a row at {state.images_seen} images) "
+                    "and there is no checkpoint to roll back to; lower --train.lr or raise --train.warmup-images"
+                )
+            samples_skipped = int(back.get("samples_skipped", 0))
             batches, bad_in_row = reader.stream(), 0
             next_ckpt = (state.images_seen // every_ckpt + 1) * every_ckpt
             continue

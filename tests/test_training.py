@@ -161,3 +161,84 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert info["path"] == str(dirs[0])
     assert fresh.images_seen == 16 and pos.state["batch"] == 1
     assert restore(_state(), _Position(), Session(report=lambda *a: None), rank=0, world=1) == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop's rollback after repeated non-finite steps (pipeline.trainer.train_worker, one process)
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory):
+    from jobs import prepare_data
+
+    out = tmp_path_factory.mktemp("digits")
+    assert prepare_data.main(["--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _run_loop(data_url, store, poison_calls, monkeypatch):
+    """train_worker on local shards with checkpoints kept in ``store``; train_step calls numbered in
+    ``poison_calls`` (1-based, counted across rollbacks) get NaN images. Returns (state, reports, calls)."""
+    import shutil
+
+    from pipeline.checkpoint import images_of
+    from pipeline.config import Settings
+    from pipeline.trainer import Session, train_worker
+
+    settings = Settings.from_cli(
+        ["--model.preset", "tiny", "--diffusion.num-timesteps", "100", "--data.url", str(data_url),
+         "--train.batch-size", "32", "--train.total-images", "384", "--train.checkpoint-every-images", "128",
+         "--train.sample-every-images", "0", "--train.warmup-images", "64", "--train.max-bad-steps", "3"]
+    )  # fmt: skip
+    settings.tracking.uri = None
+    store.mkdir()
+    reports = []
+
+    def report(metrics, directory, name):
+        reports.append(metrics)
+        if directory is not None:
+            shutil.copytree(directory, store / name)
+
+    candidates = lambda: sorted(store.iterdir(), key=lambda p: images_of(p.name), reverse=True)
+    calls, original, original_init = [0], TrainState.train_step, TrainState.__init__
+
+    def train_step(self, micro_batches):
+        calls[0] += 1
+        if calls[0] in poison_calls:
+            micro_batches = [m * float("nan") for m in micro_batches]
+        return original(self, micro_batches)
+
+    kept = []
+    with monkeypatch.context() as m:  # undone on return, so a second run wraps the originals again
+        m.setattr(TrainState, "train_step", train_step)
+        m.setattr(TrainState, "__init__", _keep(original_init, kept))
+        train_worker(settings, Session(report=report, candidates=candidates))
+    return kept[-1], reports, calls[0]
+
+
+def _keep(init, kept):
+    def wrapped(self, *a, **kw):
+        init(self, *a, **kw)
+        kept.append(self)
+
+    return wrapped
+
+
+def test_repeated_non_finite_steps_roll_back_and_then_equal_an_uninterrupted_run(digits_folder, tmp_path, monkeypatch):
+    clean, clean_reports, clean_calls = _run_loop(digits_folder, tmp_path / "a", (), monkeypatch)
+    k = clean_reports[0]["step"]  # the step of the first checkpoint (batches vary by a sample or so)
+    # Steps k+2..k+4 are non-finite: after the third, roll back to the checkpoint at step k.
+    rolled, reports, calls = _run_loop(digits_folder, tmp_path / "b", (k + 2, k + 3, k + 4), monkeypatch)
+    assert calls == clean_calls + 4  # steps k+1..k+4 are done again after the rollback
+    assert [r["images_seen"] for r in reports] == [r["images_seen"] for r in clean_reports]
+    assert rolled.step_count == clean.step_count and rolled.skipped_steps == clean.skipped_steps == 0
+    assert rolled.images_seen == clean.images_seen >= 384
+    for p, q in zip(clean.model.state_dict().values(), rolled.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    for p, q in zip(clean.ema.model.state_dict().values(), rolled.ema.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_divergence_before_any_checkpoint_is_a_clear_error(digits_folder, tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match="no checkpoint to roll back to; lower --train.lr"):
+        _run_loop(digits_folder, tmp_path / "c", (1, 2, 3), monkeypatch)
