@@ -27,10 +27,20 @@ def barrier() -> None:
         td.barrier()
 
 
+def comm_device() -> torch.device:
+    """Where tensors must be for collectives: NCCL reduces only CUDA tensors, gloo CPU ones."""
+    if is_dist() and td.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place (a no-op on one process)."""
+    """Sum over ranks, in place, whatever device ``x`` is on (a no-op on one process)."""
     if is_dist():
-        td.all_reduce(x, op=td.ReduceOp.SUM)
+        y = x.to(comm_device())
+        td.all_reduce(y, op=td.ReduceOp.SUM)
+        if y is not x:
+            x.copy_(y)
     return x
 
 

@@ -126,6 +126,8 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
     device = _device(settings)
     if device.type == "cpu":
         torch.set_num_threads(settings.cluster.threads_per_worker)
+    else:
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     t = settings.train
     schedule = settings.diffusion.build()
     state = TrainState(settings.unet_config(), schedule, optim_config(settings), device=device, seed=t.seed, rank=rank)
