@@ -6,9 +6,11 @@ import contextlib
 import fcntl
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,3 +95,17 @@ def stack_env(stack: RunningStack) -> Iterator[dict[str, str]]:
         refresh_ray_auth()  # Ray caches RAY_AUTH_* at first use
         yield stack.env
     refresh_ray_auth()
+
+
+@pytest.fixture(scope="module")
+def s3(request, stack: RunningStack) -> Iterator[SimpleNamespace]:
+    """A fresh prefix on the stack's S3 for one test module (``root``), with its ``storage``
+    settings and the stack's ``env``; everything under it is deleted after the module."""
+    from pipeline.config import StorageConfig
+    from pipeline.data.storage import delete_urls, list_urls
+
+    storage = StorageConfig.from_env(stack.env)
+    module = request.module.__name__.rpartition(".")[2].replace("_", "-")
+    root = f"s3://ddpm-data/{module}-{uuid.uuid4().hex[:10]}"
+    yield SimpleNamespace(storage=storage, root=root, env=stack.env)
+    delete_urls(list(list_urls(root, storage)), storage)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import DataConfig, StorageConfig
+from pipeline.config import DataConfig
 from pipeline.data import (
     DatasetMismatchError,
     ManifestError,
@@ -35,7 +35,7 @@ from pipeline.data import (
     plan_epoch,
 )
 from pipeline.data.sources import digits_source, encode_png, prepare_image
-from pipeline.data.storage import delete_urls, join_url, list_urls, read_bytes, write_bytes
+from pipeline.data.storage import delete_urls, join_url, read_bytes, write_bytes
 from pipeline.data.writer import SplitWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +44,6 @@ UNEVEN = [400, 37, 300, 120, 250, 10, 350, 150]  # 1617 samples in deliberately 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def storage_of(env: dict[str, str]) -> StorageConfig:
-    return StorageConfig.from_env(env)
 
 
 _DIGITS: list[tuple[str, int, bytes]] = []
@@ -110,14 +106,6 @@ def same_batches(a, b) -> bool:
         and x.skipped == y.skipped
         for x, y in zip(a, b, strict=True)
     )
-
-
-@pytest.fixture(scope="module")
-def s3(stack):
-    storage = storage_of(stack.env)
-    root = f"s3://ddpm-data/test-data-{uuid.uuid4().hex[:10]}"
-    yield SimpleNamespace(storage=storage, root=root, env=stack.env)
-    delete_urls(list(list_urls(root, storage)), storage)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import DataConfig, StorageConfig
+from pipeline.config import DataConfig
 from pipeline.data import ShardReader, load_split_arrays, open_manifest, register_webdataset_s3
 from pipeline.data.sources import digits_source, split_items
-from pipeline.data.storage import delete_urls, join_url, list_urls, read_bytes
+from pipeline.data.storage import join_url, list_urls, read_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JOB = REPO_ROOT / "jobs" / "prepare_data.py"
@@ -36,18 +36,6 @@ def run_job(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     return subprocess.run(
         [sys.executable, str(JOB), *args], env=full_env, capture_output=True, text=True, timeout=timeout
     )
-
-
-def storage_of(env: dict[str, str]) -> StorageConfig:
-    return StorageConfig.from_env(env)
-
-
-@pytest.fixture(scope="module")
-def s3(stack):
-    storage = storage_of(stack.env)
-    root = f"s3://ddpm-data/test-prepare-{uuid.uuid4().hex[:10]}"
-    yield SimpleNamespace(storage=storage, root=root, env=stack.env)
-    delete_urls(list(list_urls(root, storage)), storage)
 
 
 @pytest.fixture(scope="module")
