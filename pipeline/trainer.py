@@ -330,7 +330,9 @@ def restore(state: TrainState, reader, session: Session, rank: int, world: int) 
     chosen = dist.broadcast_object(chosen)
     if chosen is None:
         return {}
-    full, _ = read_checkpoint(session.fetch(chosen), map_location=state.device)
+    # On the CPU: random states must stay CPU ByteTensors; load_state_dict moves weights and
+    # optimizer moments to the model's device.
+    full, _ = read_checkpoint(session.fetch(chosen), map_location="cpu")
     state.load_state_dict(full, generator=False)
     rngs = full["rng_per_rank"]
     if len(rngs) == world:

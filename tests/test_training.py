@@ -163,6 +163,44 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert restore(_state(), _Position(), Session(report=lambda *a: None), rank=0, world=1) == {}
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trainer_save_then_restore_continues_identically(tmp_path, device):
+    """pipeline.trainer.save / restore, on the model's device (random states stay CPU tensors)."""
+    import shutil
+
+    from pipeline.trainer import Session, restore, save
+
+    def make(seed):
+        return TrainState(
+            preset("tiny", image_size=8, in_channels=1),
+            NoiseSchedule("linear", 100),
+            OptimConfig(lr=1e-3, warmup_images=256),
+            device=device,
+            seed=seed,
+        )
+
+    def report(metrics, directory, name):
+        if directory is not None:
+            shutil.copytree(directory, tmp_path / name)
+
+    a = make(0)
+    for i in range(3):
+        a.train_step([_batch(i)])
+        a.images_seen += 16
+    save(a, _Position(), Session(report=report), tracker=None, rank=0, samples_skipped=7)
+    b, pos = make(5), _Position()
+    info = restore(b, pos, Session(report=report, candidates=lambda: sorted(tmp_path.iterdir())), rank=0, world=1)
+    assert info["samples_skipped"] == 7 and b.images_seen == 48 and b.step_count == 3
+    assert torch.equal(b.generator.get_state(), a.generator.get_state())
+    ra, rb = a.train_step([_batch(3)]), b.train_step([_batch(3)])
+    assert ra.loss_sum == pytest.approx(rb.loss_sum, rel=1e-5)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert q.device == p.device and torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop's rollback after repeated non-finite steps (pipeline.trainer.train_worker, one process)
 
