@@ -132,28 +132,37 @@ class DeviceError(ValueError):
     """The settings ask for a device the cluster cannot give."""
 
 
-def connect_and_choose_device(settings: Settings) -> bool:
-    """Connect to the cluster; True if the workers get a GPU each. Refuses what cannot work well."""
-    from pipeline.cluster import connect
-
-    connect(settings.cluster.address)
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    mode = settings.cluster.use_gpu
-    if mode == "yes" and gpus < settings.cluster.num_workers:
-        # Ray would wait for the GPUs for ever instead of failing.
+def choose_device(settings: Settings, gpus: float) -> bool:
+    """True if the workers get a GPU each on a cluster with ``gpus`` GPUs; refuses what cannot work."""
+    mode, workers = settings.cluster.use_gpu, settings.cluster.num_workers
+    # Ray would wait for missing GPUs for ever (Train retries the worker-group start without limit).
+    if mode == "yes" and gpus < workers:
         raise DeviceError(
-            f"cluster.use_gpu=yes asks for {settings.cluster.num_workers} GPU worker(s) but the cluster has "
-            f"{gpus:g} GPU(s); use --cluster.use-gpu auto or no, or fewer --cluster.num-workers"
+            f"cluster.use_gpu=yes asks for {workers} GPU worker(s) but the cluster has {gpus:g} GPU(s); "
+            "use --cluster.use-gpu auto or no, or fewer --cluster.num-workers"
         )
-    use_gpu = mode == "yes" or (mode == "auto" and gpus >= 1)
+    if mode == "auto" and 0 < gpus < workers:
+        raise DeviceError(
+            f"cluster.use_gpu=auto: the cluster has {gpus:g} GPU(s) for {workers} workers of one GPU each; "
+            f"pass --cluster.num-workers {int(gpus)} to train on the GPU(s), or --cluster.use-gpu no for CPU workers"
+        )
+    use_gpu = mode == "yes" or (mode == "auto" and gpus >= workers)
     if settings.train.precision == "bf16" and not use_gpu:
         raise DeviceError(
             "train.precision=bf16 needs GPU workers, and these run on CPU (bf16 autocast is about 300x "
             "slower than fp32 on CPUs); use --train.precision fp32"
         )
     return use_gpu
+
+
+def connect_and_choose_device(settings: Settings) -> bool:
+    """Connect to the cluster, then ``choose_device`` for its GPUs."""
+    from pipeline.cluster import connect
+
+    connect(settings.cluster.address)
+    import ray
+
+    return choose_device(settings, ray.cluster_resources().get("GPU", 0))
 
 
 def launch(settings: Settings, run_name: str, mlflow_run_id: str | None):
@@ -165,6 +174,8 @@ def launch(settings: Settings, run_name: str, mlflow_run_id: str | None):
     fs, path = filesystem(settings.storage.checkpoint_url, settings.storage)
     # Secrets travel inside the Ray cluster only, in the worker config (never printed).
     config = {"settings": settings.model_dump(mode="python"), "run_name": run_name, "mlflow_run_id": mlflow_run_id}
+    # The workers follow the driver's decision: under Ray a CPU worker still sees the node's GPUs.
+    config["settings"]["cluster"]["use_gpu"] = "yes" if use_gpu else "no"
     config["settings"]["storage"]["secret_access_key"] = (
         settings.storage.secret_access_key.get_secret_value() if settings.storage.secret_access_key else None
     )

@@ -205,7 +205,9 @@ class ClusterConfig(Section):
     address: str | None = Field(None, description="Ray address (env RAY_ADDRESS); None: the current/local cluster")
     num_workers: int = Field(2, ge=1, description="training workers (one GPU each where GPUs exist)")
     use_gpu: Literal["auto", "yes", "no"] = Field(
-        "auto", description="GPU workers: auto uses them if the cluster has GPUs"
+        "auto",
+        description="GPU workers: auto uses them if the cluster has a GPU per worker "
+        "(some GPUs but fewer than workers is refused, naming the fix)",
     )
     threads_per_worker: int = Field(1, ge=1, description="torch threads per CPU worker")
     max_failures: int = Field(
