@@ -337,7 +337,10 @@ def restore(state: TrainState, reader, session: Session, rank: int, world: int) 
     rngs = full["rng_per_rank"]
     if len(rngs) == world:
         mine = rngs[rank]
-        state.generator.set_state(mine["generator"])
+        if not state.set_generator_state(mine["generator"]) and rank == 0:
+            print(
+                "[train] the checkpoint's noise generator is another device's: reseeded from the counters", flush=True
+            )
         torch.set_rng_state(mine["torch"])
         if "cuda" in mine and state.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda"], state.device)

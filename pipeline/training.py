@@ -67,10 +67,12 @@ class TrainState:
         rank: int = 0,
     ) -> None:
         self.unet_config, self.schedule, self.cfg = unet, schedule, cfg
-        self.device = torch.device(device)
+        self.device, self.rank = torch.device(device), rank
         torch.manual_seed(seed)  # the same initial weights on every rank
         self.model = UNet(unet)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        # ...but not the same dropout masks: the global generators drive dropout, so seed them per rank.
+        torch.manual_seed(seed * 100_003 + rank + 7_919)
         self.net = parallelize(
             self.model,
             self.device,
@@ -79,9 +81,9 @@ class TrainState:
             compile_mode=cfg.compile_mode,
         )
         self.ema.model.to(self.device)
-        fused = cfg.fused_adamw and self.device.type == "cuda"
+        self._fused = (cfg.fused_adamw and self.device.type == "cuda") or None
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self._fused
         )
         # Timesteps and noise differ per rank but are reproducible: seeded by (seed, rank).
         self.generator = torch.Generator(device=self.device)
@@ -168,11 +170,28 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
+        # load_state_dict brings back the saved run's hyperparameters; this run's config wins (the
+        # learning rate is set every step anyway). Fused AdamW wants its step counts on the device.
+        for group in self.opt.param_groups:
+            group["weight_decay"], group["fused"] = self.cfg.weight_decay, self._fused
+            for p in group["params"] if self._fused else ():
+                st = self.opt.state.get(p, {})
+                if "step" in st:
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
         c = state["counters"]
         self.images_seen, self.step_count = int(c["images_seen"]), int(c["step"])
         self.skipped_steps = int(c["skipped_steps"])
         if generator:
-            self.generator.set_state(state["generator"])
+            self.set_generator_state(state["generator"])
+
+    def set_generator_state(self, saved: torch.Tensor) -> bool:
+        """Restore the timestep/noise generator; False (and a reseed from the counters) when the
+        state comes from another kind of device (a CUDA generator's state is not a CPU one's)."""
+        if saved.numel() == self.generator.get_state().numel():
+            self.generator.set_state(saved.cpu())
+            return True
+        self.generator.manual_seed(self.images_seen * 100_003 + self.rank)
+        return False
 
 
 def model_for_sampling(state: dict, *, ema: bool = True) -> nn.Module:

@@ -39,12 +39,13 @@ def test_tiny_model_overfits_the_square():
     assert (base - target).abs().mean() > 0.5
 
 
-def _state(seed=0, **kw):
+def _state(seed=0, rank=0, **kw):
     return TrainState(
         preset("tiny", image_size=8, in_channels=1),
         NoiseSchedule("linear", 100),
         OptimConfig(lr=1e-3, warmup_images=256, **kw),
         seed=seed,
+        rank=rank,
     )
 
 
@@ -199,6 +200,59 @@ def test_trainer_save_then_restore_continues_identically(tmp_path, device):
     assert ra.loss_sum == pytest.approx(rb.loss_sum, rel=1e-5)
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert q.device == p.device and torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_share_initial_weights_but_not_dropout_randomness():
+    a, b = _state(rank=0), _state(rank=1)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    torch.manual_seed(0)
+    _state(rank=0)
+    after_a = torch.rand(8)
+    _state(rank=1)
+    assert not torch.equal(after_a, torch.rand(8))  # the global generator (dropout) differs per rank
+
+
+def test_resume_applies_this_runs_optimizer_settings():
+    saved = _state().state_dict()
+    b = TrainState(
+        preset("tiny", image_size=8, in_channels=1),
+        NoiseSchedule("linear", 100),
+        OptimConfig(lr=1e-3, warmup_images=256, weight_decay=0.05),
+    )
+    b.load_state_dict(saved)
+    assert [g["weight_decay"] for g in b.opt.param_groups] == [0.05]
+    assert b.opt.param_groups[0]["fused"] is None  # fused AdamW only on CUDA
+
+
+def test_a_noise_generator_state_from_another_device_is_reseeded(tmp_path, capsys):
+    """A run saved on a GPU (16-byte CUDA generator state) resumes on a CPU worker, and vice versa."""
+    import shutil
+
+    from pipeline.trainer import Session, restore, save
+
+    def report(metrics, directory, name):
+        if directory is not None:
+            shutil.copytree(directory, tmp_path / name)
+
+    a = _state()
+    a.train_step([_batch(0)])
+    a.images_seen += 16
+    save(a, _Position(), Session(report=report), tracker=None, rank=0, samples_skipped=0)
+    (ckpt,) = tmp_path.iterdir()
+    from pipeline.checkpoint import read_checkpoint, write_checkpoint
+
+    full, _ = read_checkpoint(ckpt)
+    full["rng_per_rank"][0]["generator"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's size
+    shutil.rmtree(ckpt)
+    write_checkpoint(full, ckpt)
+    states = []
+    for _ in range(2):
+        b = _state(seed=5)
+        restore(b, _Position(), Session(report=report, candidates=lambda: [ckpt]), rank=0, world=1)
+        states.append(b.generator.get_state())
+    assert "reseeded from the counters" in capsys.readouterr().out
+    assert torch.equal(states[0], states[1]) and not torch.equal(states[0], _state(seed=5).generator.get_state())
 
 
 # ------------------------------------------------------------------------------------------------
