@@ -418,6 +418,10 @@ def run(s: SampleSettings, *, after_batch: Callable | None = None, log: Callable
         if use_gpu and gpus < 1:
             raise JobError("cluster.use_gpu=yes but the Ray cluster has no GPUs")
         workers = s.workers or s.cluster.num_workers
+        if use_gpu and workers > gpus:
+            # One GPU per actor: the extra actors would never be scheduled.
+            log(f"note: {workers} actors asked for but the cluster has {gpus:g} GPU(s): sampling with {int(gpus)}")
+            workers = int(gpus)
         n = s.num_images
         batches = make_batches(s.first_seed, n, s.batch_size)
         log(

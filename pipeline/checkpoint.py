@@ -40,11 +40,23 @@ def images_of(name: str) -> int | None:
     return None
 
 
+def to_cpu(obj):
+    """The same nesting of dicts, lists and tuples with every tensor on the CPU: a file saved from a
+    GPU then loads with a plain ``torch.load`` on a machine without one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def write_checkpoint(state: dict, directory: str | Path, meta: dict | None = None) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(to_cpu(state), buf)
     data = buf.getvalue()
     (d / CKPT_FILE).write_bytes(data)
     info = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **(meta or {})}
@@ -82,7 +94,7 @@ def sampling_export(state: dict, extra: dict | None = None) -> bytes:
         **(extra or {}),
     }
     buf = io.BytesIO()
-    torch.save(out, buf)
+    torch.save(to_cpu(out), buf)
     return buf.getvalue()
 
 

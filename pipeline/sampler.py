@@ -122,7 +122,8 @@ class CUDAGraphModel:
                 self.model(self._x, self._t)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), autocast():
+        # torch.cuda.graph captures on the current device's stream: make that x's device.
+        with torch.cuda.device(x.device), torch.cuda.graph(graph), autocast():
             self._out = self.model(self._x, self._t)
         self.graph = graph
 
