@@ -35,9 +35,17 @@ TRAIN_ARGS = [
     "--train.log-every-steps", "20",
     "--sample.method", "ddim",
     "--sample.steps", "100",
-    "--cluster.num-workers", "2",
 ]  # fmt: skip
 SAMPLE_ARGS = ["--num-images", "256", "--batch-size", "64", "--workers", "2"]
+
+
+def demo_workers() -> int:
+    """2 CPU workers; where there are GPUs, one worker per GPU (at most 2): with ``use_gpu=auto``
+    the train job refuses more workers than GPUs."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return min(2, gpus) if gpus else 2
 
 
 def phase(name: str, timings: dict, fn):
@@ -93,7 +101,8 @@ def main() -> int:
     # --working-dir: the job runs from a copy of this checkout (what .gitignore leaves out stays here).
     ray_cli = str(Path(py).parent / "ray")
     train_cmd = [ray_cli, "job", "submit", "--address", env["RAY_ADDRESS"], "--working-dir", str(REPO), "--"]
-    train_cmd += ["python", "jobs/train.py", *TRAIN_ARGS, "--train.run-name", run_name, *args.train_args]
+    train_cmd += ["python", "jobs/train.py", *TRAIN_ARGS, "--cluster.num-workers", str(demo_workers())]
+    train_cmd += ["--train.run-name", run_name, *args.train_args]
     logs = phase("training", timings, lambda: run(train_cmd, env, capture=True))
     found = re.search(r"MLFLOW_RUN_ID=([0-9a-f]{32})", logs)
     if not found:
