@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 
 from pipeline import dist
-from pipeline.checkpoint import CorruptCheckpoint, checkpoint_name, read_checkpoint, sampling_export, write_checkpoint
+from pipeline.checkpoint import (
+    CorruptCheckpoint,
+    checkpoint_name,
+    read_checkpoint,
+    sampling_export,
+    to_cpu,
+    write_checkpoint,
+)
 from pipeline.config import Settings
 from pipeline.sampler import SamplerOptions, sample, to_uint8
 from pipeline.training import OptimConfig, TrainState
@@ -151,7 +158,8 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
     extra = restore(state, reader, session, rank, world)
     resumed = state.images_seen > 0
     if tracker and not resumed:
-        tracker.log_params(settings.flat_params() | {"world_size": world, "per_rank_batch": per_rank_batch})
+        used = {"world_size": world, "per_rank_batch": per_rank_batch, "loader_workers_used": reader.loader_workers}
+        tracker.log_params(settings.flat_params() | used)
         tracker.log_bytes(settings.dump().encode(), "config.json")
         tracker.log_bytes(schedule_figure(schedule), "schedule.png", "schedule")
         tracker.log_bytes(json.dumps(schedule.to_dict() | schedule.curves()).encode(), "schedule.json", "schedule")
@@ -166,6 +174,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
     next_grid = (state.images_seen // every_grid + 1) * every_grid if every_grid else math.inf
     bad_in_row, samples_skipped = 0, int(extra.get("samples_skipped", 0))
     timing = {"wall": 0.0, "tracking": 0.0, "checkpoint": 0.0, "grid": 0.0}
+    saves = 0
     window_images, window_start = 0, time.perf_counter()
     loop_start = time.perf_counter()
     first_step_end, images_at_first, first_step_unix = None, state.images_seen, None
@@ -200,6 +209,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
             samples_skipped = int(back.get("samples_skipped", 0))
             batches, bad_in_row = reader.stream(), 0
             next_ckpt = (state.images_seen // every_ckpt + 1) * every_ckpt
+            next_grid = (state.images_seen // every_grid + 1) * every_grid if every_grid else math.inf
             continue
 
         done = state.images_seen >= t.total_images
@@ -232,7 +242,9 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
                 "loop_s": time.perf_counter() - loop_start,
                 "first_step_unix": first_step_unix,
             } | {f"{k}_s": v for k, v in timing.items() if k != "wall"}
+            summary["checkpoints_timed"] = saves  # the saves inside checkpoint_s (not this one)
             save(state, reader, session, tracker, rank, samples_skipped, summary)
+            saves += 1
             last_saved = state.images_seen
             next_ckpt = (state.images_seen // every_ckpt + 1) * every_ckpt
             timing["checkpoint"] += time.perf_counter() - t0
@@ -300,11 +312,10 @@ def save(
     if rank != 0:
         session.report(metrics, None, name)
         return
-    full = state.state_dict() | {
-        "reader": reader.state_dict(),
-        "rng_per_rank": all_rng,
-        "samples_skipped": samples_skipped,
-    }
+    full = to_cpu(
+        state.state_dict()
+        | {"reader": reader.state_dict(), "rng_per_rank": all_rng, "samples_skipped": samples_skipped}
+    )  # once, for both files
     tmp = Path(tempfile.mkdtemp(prefix="ddpm-ckpt-"))
     try:
         write_checkpoint(full, tmp / name, meta={"images_seen": state.images_seen, "step": state.step_count})

@@ -67,7 +67,7 @@ class TrainState:
         rank: int = 0,
     ) -> None:
         self.unet_config, self.schedule, self.cfg = unet, schedule, cfg
-        self.device, self.rank = torch.device(device), rank
+        self.device, self.seed, self.rank = torch.device(device), seed, rank
         torch.manual_seed(seed)  # the same initial weights on every rank
         self.model = UNet(unet)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
@@ -190,7 +190,7 @@ class TrainState:
         if saved.numel() == self.generator.get_state().numel():
             self.generator.set_state(saved.cpu())
             return True
-        self.generator.manual_seed(self.images_seen * 100_003 + self.rank)
+        self.generator.manual_seed((self.seed * 1_000_003 + self.images_seen) * 100_003 + self.rank + 1)
         return False
 
 
