@@ -142,9 +142,10 @@ def choose_device(settings: Settings, gpus: float) -> bool:
             "use --cluster.use-gpu auto or no, or fewer --cluster.num-workers"
         )
     if mode == "auto" and 0 < gpus < workers:
+        fit = max(k for k in range(1, int(gpus) + 1) if settings.train.batch_size % k == 0)
         raise DeviceError(
             f"cluster.use_gpu=auto: the cluster has {gpus:g} GPU(s) for {workers} workers of one GPU each; "
-            f"pass --cluster.num-workers {int(gpus)} to train on the GPU(s), or --cluster.use-gpu no for CPU workers"
+            f"pass --cluster.num-workers {fit} to train on the GPU(s), or --cluster.use-gpu no for CPU workers"
         )
     use_gpu = mode == "yes" or (mode == "auto" and gpus >= workers)
     if settings.train.precision == "bf16" and not use_gpu:
