@@ -1,6 +1,7 @@
 """Typed settings: env and CLI overrides, validation messages that name the field, --dry-run."""
 
 import json
+import re
 
 import pytest
 
@@ -97,3 +98,29 @@ def test_readme_configuration_reference_is_current():
 
     text = (REPO_ROOT / "README.md").read_text()
     assert readme_with_reference(text) == text, "run: python -m pipeline.config --update-readme"
+
+
+@pytest.mark.parametrize(
+    "flags,gpus,expect",
+    [
+        ([], 0, False),
+        ([], 2, True),
+        ([], 4, True),
+        ([], 1, "pass --cluster.num-workers 1 to train on the GPU(s)"),
+        (["--cluster.use-gpu", "no"], 2, False),
+        (["--cluster.use-gpu", "yes"], 2, True),
+        (["--cluster.use-gpu", "yes"], 1, "asks for 2 GPU worker(s) but the cluster has 1"),
+        (["--train.precision", "bf16"], 2, True),
+        (["--train.precision", "bf16"], 0, "needs GPU workers"),
+        (["--train.precision", "bf16", "--cluster.use-gpu", "no"], 2, "needs GPU workers"),
+    ],
+)
+def test_device_choice_for_the_clusters_gpus(flags, gpus, expect):
+    from jobs.train import DeviceError, choose_device
+
+    settings = Settings.from_cli(["--cluster.num-workers", "2", *flags])
+    if isinstance(expect, str):
+        with pytest.raises(DeviceError, match=re.escape(expect)):
+            choose_device(settings, gpus)
+    else:
+        assert choose_device(settings, gpus) is expect

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -226,33 +225,6 @@ def test_existing_run_name_is_not_silently_resumed(stack, uninterrupted):
         timeout=120,
     )
     assert r.returncode == 2 and "no run named 'no-such-run'" in r.stderr
-
-
-@pytest.mark.parametrize(
-    "flags,gpus,expect",
-    [
-        ([], 0, False),
-        ([], 2, True),
-        ([], 4, True),
-        ([], 1, "pass --cluster.num-workers 1 to train on the GPU(s)"),
-        (["--cluster.use-gpu", "no"], 2, False),
-        (["--cluster.use-gpu", "yes"], 2, True),
-        (["--cluster.use-gpu", "yes"], 1, "asks for 2 GPU worker(s) but the cluster has 1"),
-        (["--train.precision", "bf16"], 2, True),
-        (["--train.precision", "bf16"], 0, "needs GPU workers"),
-        (["--train.precision", "bf16", "--cluster.use-gpu", "no"], 2, "needs GPU workers"),
-    ],
-)
-def test_device_choice_for_the_clusters_gpus(flags, gpus, expect):
-    from jobs.train import DeviceError, choose_device
-    from pipeline.config import Settings
-
-    settings = Settings.from_cli(["--cluster.num-workers", "2", *flags])
-    if isinstance(expect, str):
-        with pytest.raises(DeviceError, match=re.escape(expect)):
-            choose_device(settings, gpus)
-    else:
-        assert choose_device(settings, gpus) is expect
 
 
 def test_devices_the_cpu_cluster_lacks_are_refused_before_tracking(stack, digits_shards):

@@ -222,7 +222,6 @@ def test_resume_applies_this_runs_optimizer_settings():
     )
     b.load_state_dict(saved)
     assert [g["weight_decay"] for g in b.opt.param_groups] == [0.05]
-    assert b.opt.param_groups[0]["fused"] is None  # fused AdamW only on CUDA
 
 
 def test_a_noise_generator_state_from_another_device_is_reseeded(tmp_path, capsys):
@@ -268,7 +267,7 @@ def digits_folder(tmp_path_factory):
     return out
 
 
-def _run_loop(data_url, store, poison_calls, monkeypatch):
+def _run_loop(data_url, store, poison_calls, monkeypatch, loader_workers="auto"):
     """train_worker on local shards with checkpoints kept in ``store``; train_step calls numbered in
     ``poison_calls`` (1-based, counted across rollbacks) get NaN images. Returns (state, reports, calls)."""
     import shutil
@@ -280,7 +279,8 @@ def _run_loop(data_url, store, poison_calls, monkeypatch):
     settings = Settings.from_cli(
         ["--model.preset", "tiny", "--diffusion.num-timesteps", "100", "--data.url", str(data_url),
          "--train.batch-size", "32", "--train.total-images", "384", "--train.checkpoint-every-images", "128",
-         "--train.sample-every-images", "0", "--train.warmup-images", "64", "--train.max-bad-steps", "3"]
+         "--train.sample-every-images", "0", "--train.warmup-images", "64", "--train.max-bad-steps", "3",
+         "--data.loader-workers", str(loader_workers)]
     )  # fmt: skip
     settings.tracking.uri = None
     store.mkdir()
@@ -316,11 +316,20 @@ def _keep(init, kept):
     return wrapped
 
 
-def test_repeated_non_finite_steps_roll_back_and_then_equal_an_uninterrupted_run(digits_folder, tmp_path, monkeypatch):
-    clean, clean_reports, clean_calls = _run_loop(digits_folder, tmp_path / "a", (), monkeypatch)
+@pytest.mark.parametrize("loader_workers", ["auto", 1])  # in-process reading (CPU default), a DataLoader worker
+def test_repeated_non_finite_steps_roll_back_and_then_equal_an_uninterrupted_run(
+    digits_folder, tmp_path, monkeypatch, loader_workers
+):
+    clean, clean_reports, clean_calls = _run_loop(digits_folder, tmp_path / "a", (), monkeypatch, loader_workers)
     k = clean_reports[0]["step"]  # the step of the first checkpoint (batches vary by a sample or so)
     # Steps k+2..k+4 are non-finite: after the third, roll back to the checkpoint at step k.
-    rolled, reports, calls = _run_loop(digits_folder, tmp_path / "b", (k + 2, k + 3, k + 4), monkeypatch)
+    import psutil
+
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    poison = (k + 2, k + 3, k + 4)
+    rolled, reports, calls = _run_loop(digits_folder, tmp_path / "b", poison, monkeypatch, loader_workers)
+    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
+    assert [c for c in left if c.status() != psutil.STATUS_ZOMBIE] == []  # the rewound streams' workers stopped
     assert calls == clean_calls + 4  # steps k+1..k+4 are done again after the rollback
     assert [r["images_seen"] for r in reports] == [r["images_seen"] for r in clean_reports]
     assert rolled.step_count == clean.step_count and rolled.skipped_steps == clean.skipped_steps == 0
