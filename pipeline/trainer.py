@@ -31,6 +31,7 @@ from pipeline.checkpoint import (
     write_checkpoint,
 )
 from pipeline.config import Settings
+from pipeline.grid import grid_png
 from pipeline.sampler import SamplerOptions, sample, to_uint8
 from pipeline.training import OptimConfig, TrainState
 
@@ -72,29 +73,6 @@ def optim_config(s: Settings) -> OptimConfig:
 def sampler_options(s: Settings) -> SamplerOptions:
     p = s.sample
     return SamplerOptions(p.method, p.steps, p.eta, p.variance, p.clip, s.diffusion.objective)
-
-
-def make_grid(images_u8, nrow: int | None = None, pad: int = 1) -> bytes:
-    """PNG bytes of a grid of uint8 (B, H, W, C) images."""
-    import numpy as np
-    from PIL import Image
-
-    b, h, w, c = images_u8.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    ncol = math.ceil(b / nrow)
-    grid = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(b):
-        r, q = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images_u8[
-            i
-        ]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = max(1, 512 // grid.shape[1])
-    if scale > 1:
-        img = img.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def schedule_figure(schedule) -> bytes:
@@ -294,7 +272,7 @@ def log_grid(state: TrainState, settings: Settings, tracker) -> None:
         sampler_options(settings),
         device=state.device,
     )
-    png = make_grid(to_uint8(imgs))
+    png = grid_png(to_uint8(imgs))
     if tracker:
         tracker.log_bytes(png, f"grid_{checkpoint_name(state.images_seen)}.png", "samples")
 
