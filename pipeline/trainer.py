@@ -148,8 +148,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
 
     # -- loop ------------------------------------------------------------------------------------------
     every_ckpt, every_grid = t.checkpoint_every_images, t.sample_every_images
-    next_ckpt = (state.images_seen // every_ckpt + 1) * every_ckpt
-    next_grid = (state.images_seen // every_grid + 1) * every_grid if every_grid else math.inf
+    next_ckpt, next_grid = next_multiple(state.images_seen, every_ckpt), next_multiple(state.images_seen, every_grid)
     bad_in_row, samples_skipped = 0, int(extra.get("samples_skipped", 0))
     timing = {"wall": 0.0, "tracking": 0.0, "checkpoint": 0.0, "grid": 0.0}
     saves = 0
@@ -186,14 +185,15 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
                 )
             samples_skipped = int(back.get("samples_skipped", 0))
             batches, bad_in_row = reader.stream(), 0
-            next_ckpt = (state.images_seen // every_ckpt + 1) * every_ckpt
-            next_grid = (state.images_seen // every_grid + 1) * every_grid if every_grid else math.inf
+            next_ckpt, next_grid = (
+                next_multiple(state.images_seen, every_ckpt),
+                next_multiple(state.images_seen, every_grid),
+            )
             continue
 
         done = state.images_seen >= t.total_images
         if tracker and (state.step_count % t.log_every_steps == 0 or done):
-            t0 = time.perf_counter()
-            now = time.perf_counter()
+            t0 = now = time.perf_counter()
             metrics = {
                 "train/loss": loss_sum / max(images, 1),
                 "train/lr": r.lr,
@@ -224,13 +224,13 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
             save(state, reader, session, tracker, rank, samples_skipped, summary)
             saves += 1
             last_saved = state.images_seen
-            next_ckpt = (state.images_seen // every_ckpt + 1) * every_ckpt
+            next_ckpt = next_multiple(state.images_seen, every_ckpt)
             timing["checkpoint"] += time.perf_counter() - t0
         if state.images_seen >= next_grid or done:
             t0 = time.perf_counter()
-            if rank == 0:
+            if tracker:  # rank 0's, when tracking is on: the grid's only destination
                 log_grid(state, settings, tracker)
-            next_grid = (state.images_seen // every_grid + 1) * every_grid if every_grid else math.inf
+            next_grid = next_multiple(state.images_seen, every_grid)
             timing["grid"] += time.perf_counter() - t0
             dist.barrier()
 
@@ -248,6 +248,11 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
         )
         tracker.close(status="FINISHED")
     return {"images_seen": state.images_seen, "steps": state.step_count, "timing": timing, "rank": rank}
+
+
+def next_multiple(images: int, every: int) -> float:
+    """The first multiple of ``every`` above ``images`` (inf when ``every`` is 0: never)."""
+    return (images // every + 1) * every if every else math.inf
 
 
 def loss_by_quartile(per_sample: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> dict[str, float]:
@@ -272,9 +277,7 @@ def log_grid(state: TrainState, settings: Settings, tracker) -> None:
         sampler_options(settings),
         device=state.device,
     )
-    png = grid_png(to_uint8(imgs))
-    if tracker:
-        tracker.log_bytes(png, f"grid_{checkpoint_name(state.images_seen)}.png", "samples")
+    tracker.log_bytes(grid_png(to_uint8(imgs)), f"grid_{checkpoint_name(state.images_seen)}.png", "samples")
 
 
 def save(
