@@ -309,12 +309,13 @@ def save(
 
 def restore(state: TrainState, reader, session: Session, rank: int, world: int) -> dict:
     """Load the newest complete checkpoint (all ranks agree on which); {} if there is none."""
-    chosen = None
+    # Read on the CPU: random states must stay CPU ByteTensors; load_state_dict moves weights and
+    # optimizer moments to the model's device.
+    chosen, full = None, None
     if rank == 0:
         for cand in session.candidates():
             try:
-                local = session.fetch(cand)
-                read_checkpoint(local)  # verify before choosing
+                full, _ = read_checkpoint(session.fetch(cand), map_location="cpu")  # verified as it is read
                 chosen = str(cand)
                 break
             except (CorruptCheckpoint, OSError, RuntimeError) as e:
@@ -322,9 +323,8 @@ def restore(state: TrainState, reader, session: Session, rank: int, world: int) 
     chosen = dist.broadcast_object(chosen)
     if chosen is None:
         return {}
-    # On the CPU: random states must stay CPU ByteTensors; load_state_dict moves weights and
-    # optimizer moments to the model's device.
-    full, _ = read_checkpoint(session.fetch(chosen), map_location="cpu")
+    if full is None:  # the other ranks read the one rank 0 chose
+        full, _ = read_checkpoint(session.fetch(chosen), map_location="cpu")
     state.load_state_dict(full, generator=False)
     rngs = full["rng_per_rank"]
     if len(rngs) == world:
