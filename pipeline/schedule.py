@@ -134,19 +134,28 @@ class NoiseSchedule:
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
+    def predict_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t, objective: Objective) -> torch.Tensor:
+        """x0_pred from the network's output under the chosen training objective."""
+        if objective == "eps":
+            return self.predict_x0_from_eps(x_t, t, model_output)
+        if objective == "x0":
+            return model_output
+        if objective == "v":
+            a, s = self._coef("sqrt_alphas_cumprod", t, x_t), self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+            return a * x_t - s * model_output
+        raise ValueError(f"unknown objective {objective!r}; expected 'eps', 'x0' or 'v'")
+
     def split_prediction(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t, objective: Objective
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_pred, eps_pred) from the network's output under the chosen training objective."""
+        x0 = self.predict_x0(model_output, x_t, t, objective)
         if objective == "eps":
-            eps = model_output
-            return self.predict_x0_from_eps(x_t, t, eps), eps
+            return x0, model_output
         if objective == "x0":
-            return model_output, self.predict_eps_from_x0(x_t, t, model_output)
-        if objective == "v":
-            a, s = self._coef("sqrt_alphas_cumprod", t, x_t), self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
-            return a * x_t - s * model_output, s * x_t + a * model_output
-        raise ValueError(f"unknown objective {objective!r}; expected 'eps', 'x0' or 'v'")
+            return x0, self.predict_eps_from_x0(x_t, t, x0)
+        a, s = self._coef("sqrt_alphas_cumprod", t, x_t), self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+        return x0, s * x_t + a * model_output
 
     # -- reverse process -----------------------------------------------------------------------------
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
@@ -187,13 +196,11 @@ class NoiseSchedule:
         predicted x_0 lies inside [-1, 1]. At ``t == 0`` (the paper's t = 1) no noise is added.
         """
         self._check_t(t)
-        x0_pred, eps_pred = self.split_prediction(model_output, x_t, t, objective)
-        if clip:
-            mean = self.posterior_mean(x0_pred.clamp(-1.0, 1.0), x_t, t)
-        elif objective == "eps":
-            mean = self.posterior_mean_from_eps(x_t, t, eps_pred)
+        if objective == "eps" and not clip:  # the eps-form needs no x_0 (this is the sampling hot path)
+            mean = self.posterior_mean_from_eps(x_t, t, model_output)
         else:
-            mean = self.posterior_mean(x0_pred, x_t, t)
+            x0_pred = self.predict_x0(model_output, x_t, t, objective)
+            mean = self.posterior_mean(x0_pred.clamp(-1.0, 1.0) if clip else x0_pred, x_t, t)
         if t == 0 or noise is None:
             return mean
         return mean + self.sigma(t, x_t, variance) * noise
@@ -216,10 +223,11 @@ class NoiseSchedule:
         eta = 1 with every step is the DDPM fixed-small sampler.
         """
         self._check_t(t)
-        x0_pred, eps_pred = self.split_prediction(model_output, x_t, t, objective)
-        if clip:
-            x0_pred = x0_pred.clamp(-1.0, 1.0)
+        if clip:  # eps is recomputed from the clipped x_0, so the split's eps would be wasted
+            x0_pred = self.predict_x0(model_output, x_t, t, objective).clamp(-1.0, 1.0)
             eps_pred = self.predict_eps_from_x0(x_t, t, x0_pred)
+        else:
+            x0_pred, eps_pred = self.split_prediction(model_output, x_t, t, objective)
         a_t = self._coef("alphas_cumprod", t, x_t)
         a_prev = self._coef("alphas_cumprod", t_prev, x_t) if t_prev >= 0 else torch.ones_like(a_t)
         sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
