@@ -79,10 +79,16 @@ class SamplerOptions:
     clip: bool = True
     objective: Objective = "eps"
 
-    def model_evals(self, num_timesteps: int) -> int:
+    def timesteps(self, num_timesteps: int) -> list[int]:
+        """The 0-based indices the sampler visits, T-1 first: all of them, or DDIM's respaced ones."""
+        if self.method == "ancestral":
+            return list(range(num_timesteps - 1, -1, -1))
         if self.method == "ddim":
-            return len(ddim_timesteps(num_timesteps, self.steps or 50))
-        return num_timesteps
+            return ddim_timesteps(num_timesteps, self.steps or 50)
+        raise ValueError(f"unknown sampling method {self.method!r}; expected 'ancestral' or 'ddim'")
+
+    def model_evals(self, num_timesteps: int) -> int:
+        return len(self.timesteps(num_timesteps))
 
 
 class CUDAGraphModel:
@@ -196,12 +202,7 @@ def sample(
         x = x.contiguous(memory_format=torch.channels_last)
     b = x.shape[0]
 
-    if opts.method == "ancestral":
-        ts = list(range(schedule.num_timesteps - 1, -1, -1))
-    elif opts.method == "ddim":
-        ts = ddim_timesteps(schedule.num_timesteps, opts.steps or 50)
-    else:
-        raise ValueError(f"unknown sampling method {opts.method!r}; expected 'ancestral' or 'ddim'")
+    ts = opts.timesteps(schedule.num_timesteps)
 
     bar = None
     if progress:
