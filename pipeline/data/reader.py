@@ -249,6 +249,25 @@ class _Spec:
     strict: bool
     seed: int
 
+    @classmethod
+    def from_manifest(
+        cls, m: Manifest, storage: Any, *, shuffle_buffer: int, hflip: bool, strict: bool, seed: int
+    ) -> _Spec:
+        return cls(
+            storage=storage_kwargs(storage),
+            urls=tuple(m.shard_urls),
+            counts=tuple(s.samples for s in m.shards),
+            sha256=tuple(s.sha256 for s in m.shards),
+            nbytes=tuple(s.bytes for s in m.shards),
+            image_size=m.image_size,
+            channels=m.channels,
+            num_classes=len(m.class_names),
+            shuffle_buffer=shuffle_buffer,
+            hflip=hflip,
+            strict=strict,
+            seed=seed,
+        )
+
 
 class _HashingReader:
     """Read-through wrapper counting bytes and hashing them (verifies shards against the manifest)."""
@@ -562,7 +581,6 @@ class ShardReader:
         batch_size: int,
         seed: int = 0,
         manifest: Manifest | None = None,
-        multiprocessing_context: str | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
@@ -574,7 +592,6 @@ class ShardReader:
         self.world_size = world_size
         self.batch_size = batch_size
         self.seed = seed
-        self.multiprocessing_context = multiprocessing_context
         self.manifest = manifest or open_manifest(data.url, storage, split)
         check_matches(self.manifest, image_size=data.image_size, channels=data.channels)
         m = self.manifest
@@ -594,19 +611,8 @@ class ShardReader:
                 f"(jobs/prepare_data.py --shard-samples)",
                 url=m.url,
             )
-        self._spec = _Spec(
-            storage=storage_kwargs(storage),
-            urls=tuple(m.shard_urls),
-            counts=tuple(counts),
-            sha256=tuple(s.sha256 for s in m.shards),
-            nbytes=tuple(s.bytes for s in m.shards),
-            image_size=m.image_size,
-            channels=m.channels,
-            num_classes=len(m.class_names),
-            shuffle_buffer=data.shuffle_buffer,
-            hflip=data.hflip,
-            strict=data.strict,
-            seed=seed,
+        self._spec = _Spec.from_manifest(
+            m, storage, shuffle_buffer=data.shuffle_buffer, hflip=data.hflip, strict=data.strict, seed=seed
         )
         self._position = (0, 0)
 
@@ -718,7 +724,6 @@ class ShardReader:
             prefetch_factor=2,
             # own generator: creating the iterator must not consume the trainer's global RNG
             generator=torch.Generator().manual_seed(derive_seed("loader", self.seed, epoch) % (1 << 63)),
-            multiprocessing_context=self.multiprocessing_context,
         )
         return iter(loader)
 
@@ -770,20 +775,7 @@ def load_split_arrays(
     raises ShardError; otherwise it is skipped and logged. ``limit`` stops after that many images.
     """
     m = open_manifest(url, storage, split)
-    spec = _Spec(
-        storage=storage_kwargs(storage),
-        urls=tuple(m.shard_urls),
-        counts=tuple(s.samples for s in m.shards),
-        sha256=tuple(s.sha256 for s in m.shards),
-        nbytes=tuple(s.bytes for s in m.shards),
-        image_size=m.image_size,
-        channels=m.channels,
-        num_classes=len(m.class_names),
-        shuffle_buffer=0,
-        hflip=False,
-        strict=strict,
-        seed=0,
-    )
+    spec = _Spec.from_manifest(m, storage, shuffle_buffer=0, hflip=False, strict=strict, seed=0)
     plan = StreamPlan(0, 0, tuple(range(len(m.shards))), m.num_samples, (), ())
     stream = _Stream(spec, plan, epoch=0)
     images: list[np.ndarray] = []
