@@ -27,7 +27,15 @@ from pydantic import Field, model_validator
 from pipeline.config import ConfigError, JobSettings, StorageConfig
 from pipeline.data.errors import DataError, DatasetExistsError
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
-from pipeline.data.sources import Source, digits_source, encode_png, folder_source, prepare_image, split_items
+from pipeline.data.sources import (
+    IMAGE_EXTENSIONS,
+    Source,
+    digits_source,
+    encode_png,
+    folder_source,
+    prepare_image,
+    split_items,
+)
 from pipeline.data.storage import check_bucket, delete_urls, join_url, list_urls
 from pipeline.data.writer import SplitWriter
 
@@ -81,7 +89,7 @@ def existing_objects(out: str, storage: StorageConfig) -> list[str]:
     return urls
 
 
-def clear_output(out: str, storage: StorageConfig, urls: list[str]) -> None:
+def clear_output(storage: StorageConfig, urls: list[str]) -> None:
     """Manifests first (the dataset is then incomplete, never mixed), then everything else."""
     manifests = [u for u in urls if u.endswith("/" + MANIFEST_NAME)]
     delete_urls(manifests, storage)
@@ -135,7 +143,7 @@ def run(s: PrepareDataSettings) -> int:
     for note in source.notes:
         print(f"note: {note}", file=sys.stderr)
     if not source.items:
-        raise ConfigError(f"no images found in {s.folder} (looked for {', '.join(sorted(_exts()))})")
+        raise ConfigError(f"no images found in {s.folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     train, evals = split_items(source.items, s.eval_fraction, s.seed)
     plan = {"train": train, "eval": evals}
     print(
@@ -155,7 +163,7 @@ def run(s: PrepareDataSettings) -> int:
                 f"refusing to mix old and new shards: pass --overwrite to replace it, or choose another --out"
             )
         print(f"--overwrite: deleting {len(old)} old object(s) under {s.out}", file=sys.stderr)
-        clear_output(s.out, s.storage, old)
+        clear_output(s.storage, old)
     mtime = time.time()
     failures: list[str] = []
     summary = []
@@ -181,12 +189,6 @@ def run(s: PrepareDataSettings) -> int:
             print(f"  {f}", file=sys.stderr)
     print(f"done in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0
-
-
-def _exts() -> set[str]:
-    from pipeline.data.sources import IMAGE_EXTENSIONS
-
-    return IMAGE_EXTENSIONS
 
 
 def main(argv: list[str] | None = None) -> int:

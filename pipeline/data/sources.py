@@ -30,7 +30,6 @@ class SourceItem:
 
 @dataclass
 class Source:
-    kind: str
     description: str
     class_names: list[str]
     items: list[SourceItem]
@@ -55,7 +54,6 @@ def digits_source() -> Source:
             )
         )
     return Source(
-        kind="digits",
         description="scikit-learn load_digits(): 1,797 handwritten digits, 8x8, 0..16 scaled to 0..255",
         class_names=[str(c) for c in range(10)],
         items=items,
@@ -114,7 +112,6 @@ def folder_source(root: str | Path) -> Source:
             )
             i += 1
     return Source(
-        kind="folder",
         description=f"image folder {root.resolve()} ({mode}: {len(classes)} class(es), {len(items)} file(s))",
         class_names=[c for c, _ in classes],
         items=items,
