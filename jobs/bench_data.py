@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from pipeline.config import ConfigError, DataConfig, JobSettings, StorageConfig
-from pipeline.data import DataError, ManifestError, ShardReader, open_manifest
+from pipeline.data import DataError, Manifest, ManifestError, ShardReader, open_manifest
 
 
 class BenchSettings(JobSettings):
@@ -45,21 +45,22 @@ class BenchSettings(JobSettings):
     json_out: str | None = Field(None, description="also write the results as JSON here")
 
 
-def ensure_dataset(s: BenchSettings) -> None:
+def ensure_dataset(s: BenchSettings) -> Manifest:
+    """The training split's manifest, writing the digits to ``data.url`` first if none is there."""
     try:
-        open_manifest(s.data.url, s.storage, "train")
+        return open_manifest(s.data.url, s.storage, "train")
     except ManifestError:
         print(f"no dataset at {s.data.url}: writing the digits there", flush=True)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import prepare_data as prepare
+        from jobs import prepare_data as prepare
 
         prepare.run(prepare.PrepareDataSettings(out=s.data.url, storage=s.storage, progress=False))
+        return open_manifest(s.data.url, s.storage, "train")
 
 
-def reader_rate(s: BenchSettings, workers: int, epoch0: int) -> dict[str, float]:
+def reader_rate(s: BenchSettings, m: Manifest, workers: int, epoch0: int) -> dict[str, float]:
     """``epochs`` epochs through ``stream()``, as the trainer reads them (next epoch started early)."""
     data = s.data.model_copy(update={"loader_workers": workers})
-    reader = ShardReader(data, s.storage, batch_size=s.batch_size, seed=0)
+    reader = ShardReader(data, s.storage, batch_size=s.batch_size, seed=0, manifest=m)
     reader.load_state_dict({"epoch": epoch0, "batch": 0})
     stream = reader.stream()
     t0 = time.perf_counter()
@@ -109,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         print(s.dump())
         return 0
     try:
-        ensure_dataset(s)
-        m = open_manifest(s.data.url, s.storage, "train")
-        probe = ShardReader(s.data.model_copy(update={"loader_workers": 0}), s.storage, batch_size=s.batch_size)
+        m = ensure_dataset(s)
+        probe = ShardReader(
+            s.data.model_copy(update={"loader_workers": 0}), s.storage, batch_size=s.batch_size, manifest=m
+        )
         x0 = next(iter(probe.iterate(0))).images
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {f"reader_{w}w": [] for w in s.workers} | {"trainer": []}
     for r in range(s.rounds):
         for w in s.workers:
-            out = reader_rate(s, w, epoch0=r * s.epochs)
+            out = reader_rate(s, m, w, epoch0=r * s.epochs)
             results[f"reader_{w}w"].append(out)
             print(
                 f"round {r}: reader {w} worker(s): {out['images_per_s']:.0f} img/s "
