@@ -16,7 +16,6 @@ from urllib.parse import urlparse
 
 from pipeline.config import stack_env_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 

@@ -20,13 +20,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class PoolError(RuntimeError):
@@ -94,7 +90,7 @@ class SamplerWorker:
     """One sampling actor: loads the weights once, then samples the batches it is given."""
 
     def __init__(
-        self, export: bytes, *, ema: bool, options: dict[str, Any], threads: int, use_gpu: bool, chunk: int | None
+        self, export: bytes, *, ema: bool, options: dict[str, Any], threads: int, use_gpu: bool, chunk: int
     ) -> None:
         import torch
 
@@ -113,7 +109,7 @@ class SamplerWorker:
         self.shape = (unet.in_channels, unet.image_size, unet.image_size)
         self.options = SamplerOptions(**options)
         self.threads = threads
-        self.call = FixedShapeCalls(self.model, chunk) if chunk else self.model
+        self.call = FixedShapeCalls(self.model, chunk)
 
     def info(self) -> dict[str, Any]:
         import socket
@@ -127,13 +123,13 @@ class SamplerWorker:
             "threads": torch.get_num_threads(),
         }
 
-    def sample(self, index: int, seeds: Sequence[int]) -> tuple[int, np.ndarray, float, float]:
-        """(index, uint8 NHWC images, wall seconds, CPU seconds of this process)."""
+    def sample(self, seeds: Sequence[int]) -> tuple[np.ndarray, float, float]:
+        """(uint8 NHWC images, wall seconds, CPU seconds of this process)."""
         from pipeline.sampler import sample, to_uint8
 
         t0, c0 = time.perf_counter(), time.process_time()
         x = sample(self.call, self.schedule, list(seeds), self.shape, self.options, device=self.device)
-        return index, to_uint8(x), time.perf_counter() - t0, time.process_time() - c0
+        return to_uint8(x), time.perf_counter() - t0, time.process_time() - c0
 
 
 @dataclass
@@ -151,8 +147,6 @@ class _Slot:
 
 @dataclass
 class PoolStats:
-    workers: int
-    actors_started: int
     actor_failures: int
     resubmitted_batches: int
     startup_s: float  # until the first actor was ready
@@ -174,7 +168,7 @@ class SamplingPool:
         workers: int,
         use_gpu: bool,
         threads: int = 1,
-        chunk: int | None = None,
+        chunk: int,
         max_failures: int = 2,
         depth: int = 2,
         start_timeout_s: float = 300.0,
@@ -268,7 +262,7 @@ class SamplingPool:
             for slot in self.alive:
                 while slot.ready and pending and len(slot.inflight) < self.depth:
                     b = pending.popleft()
-                    ref = slot.handle.sample.remote(b.index, b.seeds)
+                    ref = slot.handle.sample.remote(b.seeds)
                     slot.inflight[ref] = b
                     self._refs[ref] = (slot, b)
             if not self._refs:
@@ -300,7 +294,7 @@ class SamplingPool:
                         t_first_ready = time.perf_counter()
                     continue
                 slot.inflight.pop(ref, None)
-                index, images, seconds, cpu_seconds = value
+                images, seconds, cpu_seconds = value
                 slot.batches += 1
                 slot.busy_s += seconds
                 slot.cpu_s += cpu_seconds
@@ -314,8 +308,6 @@ class SamplingPool:
                     after_batch(self, batch)
         t_end = time.perf_counter()
         return PoolStats(
-            workers=self.workers,
-            actors_started=len(self.slots),
             actor_failures=self.failures,
             resubmitted_batches=self.resubmitted,
             startup_s=(t_first_ready or t_end) - t_start,
