@@ -32,7 +32,7 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def find_or_create_run(uri: str, experiment: str, run_name: str, *, create: bool = True) -> str | None:
+def find_or_create_run(uri: str, experiment: str, run_name: str) -> str:
     """The MLflow run of a training run (by tag), created on first use: one per training run."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -43,15 +43,8 @@ def find_or_create_run(uri: str, experiment: str, run_name: str, *, create: bool
         if runs[0].info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
         return run_id
-    if not create:
-        return None
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
     return run.info.run_id
-
-
-def last_logged_step(uri: str, run_id: str, key: str = STEP_METRIC) -> int:
-    hist = _client(uri).get_metric_history(run_id, key)
-    return max((m.step for m in hist), default=-1)
 
 
 class Tracker:
@@ -64,12 +57,12 @@ class Tracker:
         self._warned = False
         self._tmp = Path(tempfile.mkdtemp(prefix="ddpm-tracker-"))
         self.time_spent = 0.0  # seconds the training thread spent in this class (for the overhead figure)
-        try:
-            self.client = _client(uri)
-            self.min_step = last_logged_step(uri, run_id)
+        self.client = _client(uri)
+        try:  # the last step the run already holds (after a restart)
+            self.min_step = max((m.step for m in self.client.get_metric_history(run_id, STEP_METRIC)), default=-1)
         except Exception as e:  # unreachable server: keep training
             self._warn(e)
-            self.client, self.min_step = _client(uri), -1
+            self.min_step = -1
         self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -89,27 +82,11 @@ class Tracker:
 
         self._q.put(("params", [Param(k, str(v)[:6000]) for k, v in params.items()]))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self._q.put(("tag", (k, str(v))))
-
-    def log_file(self, local_path: str | Path, artifact_path: str | None = None, *, copy: bool = True) -> None:
-        """Queue a file upload; with ``copy`` the file is copied first so the caller may delete it."""
-        t0 = time.perf_counter()
-        src = Path(local_path)
-        if copy:
-            dst = self._tmp / f"{time.monotonic_ns()}" / src.name
-            dst.parent.mkdir(parents=True)
-            shutil.copy2(src, dst)
-            src = dst
-        self._q.put(("artifact", (src, artifact_path, copy)))
-        self.time_spent += time.perf_counter() - t0
-
     def log_bytes(self, data: bytes, name: str, artifact_path: str | None = None) -> None:
         dst = self._tmp / f"{time.monotonic_ns()}" / name
         dst.parent.mkdir(parents=True)
         dst.write_bytes(data)
-        self._q.put(("artifact", (dst, artifact_path, True)))
+        self._q.put(("artifact", (dst, artifact_path)))
 
     def close(self, status: str | None = None, timeout: float = 120.0) -> None:
         """Flush everything (bounded by ``timeout``), then end the thread."""
@@ -171,12 +148,9 @@ class Tracker:
             while rest:
                 kind, payload = rest[0]
                 if kind == "artifact":
-                    src, artifact_path, owned = payload
+                    src, artifact_path = payload
                     self.client.log_artifact(self.run_id, str(src), artifact_path)
-                    if owned:
-                        shutil.rmtree(src.parent, ignore_errors=True)
-                elif kind == "tag":
-                    self.client.set_tag(self.run_id, *payload)
+                    shutil.rmtree(src.parent, ignore_errors=True)
                 elif kind == "status":
                     self.client.set_terminated(self.run_id, status=payload)
                 rest.pop(0)
