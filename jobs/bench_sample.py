@@ -354,11 +354,7 @@ def _quality(b: BenchSettings, run_id: str, stamp: str, report: dict[str, Any]) 
             "2",
         ]
         out = _sample(run_id, *args, "--name", f"bench-{method}-{stamp}")
-        tag = (
-            "ddim50-ema"
-            if method == "ddim"
-            else next(k.split("/")[1] for k in out["metrics"] if k.startswith("eval/ancestral"))
-        )
+        tag = next(iter(out["metrics"])).split("/")[1]  # every key is eval/<tag>/<metric>
         m = {k.split("/", 2)[2]: v for k, v in out["metrics"].items()}
         cost = out["cost"]
         m |= {

@@ -276,15 +276,13 @@ def load_or_train_feature_net(
     data_url: str,
     storage: Any = None,
     *,
-    train: tuple[np.ndarray, np.ndarray] | None = None,
     eval_split: tuple[np.ndarray, np.ndarray] | None = None,
     log: Callable[[str], None] = print,
-    **overrides: Any,
 ) -> FeatureNet:
     """The dataset's feature network: from ``<data_url>/feature-net/<key>.pt`` or trained and cached there.
 
-    ``train`` / ``eval_split`` are (uint8 NHWC images, labels) if the caller already has them;
-    otherwise they are read with ``pipeline.data.load_split_arrays`` when training is needed.
+    ``eval_split`` is (uint8 NHWC images, labels) if the caller already has it; otherwise it is read,
+    as the train split is, with ``pipeline.data.load_split_arrays`` when training is needed.
     """
     from pipeline.data import NotFoundError, load_split_arrays, open_manifest
     from pipeline.data.storage import join_url, read_bytes, write_bytes
@@ -294,7 +292,6 @@ def load_or_train_feature_net(
         image_size=manifest.image_size,
         channels=manifest.channels,
         num_classes=len(manifest.class_names),
-        **overrides,
     )
     key = feature_net_key(cfg, [s.sha256 for s in manifest.shards])
     url = join_url(data_url, FEATURE_NET_DIR, f"{key}.pt")
@@ -305,9 +302,8 @@ def load_or_train_feature_net(
         return net
     except NotFoundError:
         pass
-    if train is None:
-        s = load_split_arrays(data_url, storage, "train")
-        train = (s.images, s.labels)
+    s = load_split_arrays(data_url, storage, "train")
+    train = (s.images, s.labels)
     if eval_split is None:
         s = load_split_arrays(data_url, storage, "eval")
         eval_split = (s.images, s.labels)
