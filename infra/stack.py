@@ -204,9 +204,14 @@ def _read_private(path: Path) -> str:
     return path.read_text()
 
 
+def _state_dir(state_dir: str | Path | None) -> Path:
+    """The given state directory, else $DDPM_STACK_DIR, else <repo>/.stack; absolute."""
+    return Path(state_dir or os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser().resolve()
+
+
 def load_env(state_dir: str | Path | None = None) -> dict[str, str]:
     """The environment a client needs for the stack in state_dir (written by `up`)."""
-    state = Path(state_dir or os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser().resolve()
+    state = _state_dir(state_dir)
     path = state / "env.json"
     if not path.exists():
         raise StackError(f"{path} does not exist: run `python -m infra.stack up --state-dir {state}` first")
@@ -374,7 +379,7 @@ class Stack:
     @classmethod
     def from_state_dir(cls, state_dir: str | Path | None = None) -> Stack:
         """The stack as `up` last configured it in state_dir (defaults if it never ran there)."""
-        state = Path(state_dir or os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser().resolve()
+        state = _state_dir(state_dir)
         saved = state / "stack.json"
         if saved.exists():
             known = {f.name for f in fields(StackConfig)}
@@ -441,13 +446,8 @@ class Stack:
 
     def _command(self, name: str) -> tuple[list[str], dict[str, str]]:
         """argv and extra environment of one service."""
-        c, creds = self.config, self._credentials()
-        s3_env = {
-            "AWS_ENDPOINT_URL": c.urls["s3"],
-            "AWS_ACCESS_KEY_ID": creds["access_key"],
-            "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
-            "AWS_DEFAULT_REGION": REGION,
-        }
+        c, client = self.config, self.env()
+        s3_env = {k: v for k, v in client.items() if k.startswith("AWS_")}
         if name == "s3":
             weed = [
                 str(weed_binary()),
@@ -521,9 +521,9 @@ class Stack:
             "--log-color=false",
         ], {
             **s3_env,  # jobs reach the stack's S3 and MLflow without secrets in their runtime_env
-            "MLFLOW_TRACKING_URI": c.urls["mlflow"],
-            "DDPM_STACK_DIR": str(c.state_dir),
-            "RAY_AUTH_MODE": "token",
+            "MLFLOW_TRACKING_URI": client["MLFLOW_TRACKING_URI"],
+            "DDPM_STACK_DIR": client["DDPM_STACK_DIR"],
+            "RAY_AUTH_MODE": client["RAY_AUTH_MODE"],
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else some Ray ports listen on all addresses
             # Ray-internal actors (e.g. Ray Train's PlacementGroupCleaner) look the cluster up by address;
