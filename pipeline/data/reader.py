@@ -303,6 +303,7 @@ class _Stream:
         self.plan = plan
         self.epoch = epoch
         self.skipped = 0
+        self._nothing_to_borrow = False  # other shards were read once and gave nothing: don't reread them
         self.messages: list[str] = []
         self.mode = MODES[spec.channels]
 
@@ -384,6 +385,8 @@ class _Stream:
     def _borrow(self) -> list[_Raw]:
         """Samples from other shards, for a stream that could read none of its own."""
         out: list[_Raw] = []
+        if self._nothing_to_borrow:
+            return out
         own = set(self.plan.shards)
         for i in range(len(self.spec.urls)):
             if i in own:
@@ -392,6 +395,7 @@ class _Stream:
                 out.append(raw)
                 if len(out) >= 64:
                     return out
+        self._nothing_to_borrow = not out
         return out
 
     # -- decoding -------------------------------------------------------------------------------
