@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from pipeline.config import ConfigError, DataConfig, JobSettings, StorageConfig
-from pipeline.data import DataError, Manifest, ManifestError, ShardReader, open_manifest
+from pipeline.data import DataError, Manifest, ShardReader
 
 
 class BenchSettings(JobSettings):
@@ -43,18 +43,6 @@ class BenchSettings(JobSettings):
     threads: int = Field(2, ge=1, description="torch threads of the training steps")
     rounds: int = Field(3, ge=1, description="interleaved rounds; medians are reported")
     json_out: str | None = Field(None, description="also write the results as JSON here")
-
-
-def ensure_dataset(s: BenchSettings) -> Manifest:
-    """The training split's manifest, writing the digits to ``data.url`` first if none is there."""
-    try:
-        return open_manifest(s.data.url, s.storage, "train")
-    except ManifestError:
-        print(f"no dataset at {s.data.url}: writing the digits there", flush=True)
-        from jobs import prepare_data as prepare
-
-        prepare.run(prepare.PrepareDataSettings(out=s.data.url, storage=s.storage, progress=False))
-        return open_manifest(s.data.url, s.storage, "train")
 
 
 def reader_rate(s: BenchSettings, m: Manifest, workers: int, epoch0: int) -> dict[str, float]:
@@ -110,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(s.dump())
         return 0
     try:
-        m = ensure_dataset(s)
+        from jobs.prepare_data import ensure_dataset
+
+        m = ensure_dataset(s.data.url, s.storage)
         probe = ShardReader(
             s.data.model_copy(update={"loader_workers": 0}), s.storage, batch_size=s.batch_size, manifest=m
         )

@@ -126,15 +126,10 @@ def main() -> int:
     env = Stack(StackConfig.resolve()).up(timeout=240).env
     os.environ.update(env)
     refresh_ray_auth()  # `up` imported Ray, which cached "no token" before the stack's was set
+    from jobs.prepare_data import ensure_dataset
     from pipeline.config import StorageConfig, TrainConfig
-    from pipeline.data.manifest import open_manifest
 
-    try:
-        open_manifest("s3://ddpm-data/digits", StorageConfig.from_env(env), "train")
-    except Exception:
-        import subprocess
-
-        subprocess.run([sys.executable, str(REPO / "jobs/prepare_data.py"), "--no-progress"], check=True)
+    ensure_dataset("s3://ddpm-data/digits", StorageConfig.from_env(env))
 
     runs = {
         "ray_1_worker": ray_run(args.images, 1),

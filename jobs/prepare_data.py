@@ -25,8 +25,8 @@ if __package__ in (None, ""):
 from pydantic import Field, model_validator
 
 from pipeline.config import ConfigError, JobSettings, StorageConfig
-from pipeline.data.errors import DataError, DatasetExistsError
-from pipeline.data.manifest import MANIFEST_NAME, Manifest
+from pipeline.data.errors import DataError, DatasetExistsError, ManifestError
+from pipeline.data.manifest import MANIFEST_NAME, Manifest, open_manifest
 from pipeline.data.sources import (
     IMAGE_EXTENSIONS,
     Source,
@@ -189,6 +189,16 @@ def run(s: PrepareDataSettings) -> int:
             print(f"  {f}", file=sys.stderr)
     print(f"done in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0
+
+
+def ensure_dataset(out: str, storage: StorageConfig) -> Manifest:
+    """The train split's manifest at ``out``, writing the default dataset (digits) there first if it has none."""
+    try:
+        return open_manifest(out, storage, "train")
+    except ManifestError:
+        print(f"no dataset at {out}: writing the digits there", flush=True)
+        run(PrepareDataSettings(out=out, storage=storage, progress=False))
+        return open_manifest(out, storage, "train")
 
 
 def main(argv: list[str] | None = None) -> int:
