@@ -204,14 +204,14 @@ def _read_private(path: Path) -> str:
     return path.read_text()
 
 
-def _state_dir(state_dir: str | Path | None) -> Path:
+def resolve_state_dir(state_dir: str | Path | None) -> Path:
     """The given state directory, else $DDPM_STACK_DIR, else <repo>/.stack; absolute."""
     return Path(state_dir or os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser().resolve()
 
 
 def load_env(state_dir: str | Path | None = None) -> dict[str, str]:
     """The environment a client needs for the stack in state_dir (written by `up`)."""
-    state = _state_dir(state_dir)
+    state = resolve_state_dir(state_dir)
     path = state / "env.json"
     if not path.exists():
         raise StackError(f"{path} does not exist: run `python -m infra.stack up --state-dir {state}` first")
@@ -379,7 +379,7 @@ class Stack:
     @classmethod
     def from_state_dir(cls, state_dir: str | Path | None = None) -> Stack:
         """The stack as `up` last configured it in state_dir (defaults if it never ran there)."""
-        state = _state_dir(state_dir)
+        state = resolve_state_dir(state_dir)
         saved = state / "stack.json"
         if saved.exists():
             known = {f.name for f in fields(StackConfig)}

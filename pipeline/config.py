@@ -216,7 +216,9 @@ class ClusterConfig(Section):
 
 
 def stack_env_file() -> Path:
-    return Path(os.environ.get("DDPM_STACK_DIR") or REPO_ROOT / ".stack") / "env.json"
+    from infra.stack import resolve_state_dir  # the stack's own rule for where it keeps its state
+
+    return resolve_state_dir(None) / "env.json"
 
 
 class ServiceEnvSource(PydanticBaseSettingsSource):
