@@ -9,7 +9,7 @@ Everything about the model comes from the MLflow run: the checkpoint artifact
 ``checkpoints/images_<N>.pt`` (weights, EMA, U-Net and schedule config, objective) and the run's
 ``data.url`` param (the real images for the quality metric). Seeds ``first_seed ..
 first_seed + num_images - 1`` are cut into batches sampled by a pool of Ray actors
-(``pipeline.fanout``); the image of a seed does not depend on the batch size or the number of
+(``pipeline.sample.pool``); the image of a seed does not depend on the batch size or the number of
 workers. Results go to the same MLflow run under ``eval/<eval-name>/``; see docs/sampling.md.
 
 Exit status: 0 done, 1 the run / checkpoint / data / cluster cannot be used (the message says
@@ -234,8 +234,8 @@ def run_data_config(client, run, run_id: str, work: Path) -> dict[str, Any]:
 def load_checkpoint(client, run_id: str, artifact: str, work: Path, ema: bool) -> tuple[bytes, dict, Any, Any]:
     """(bytes, export dict, model, schedule), each rebuilt here so a bad checkpoint fails before Ray starts."""
     from pipeline.checkpoint import load_sampling_export
-    from pipeline.schedule import NoiseSchedule
-    from pipeline.training import model_for_sampling
+    from pipeline.ddpm.schedule import NoiseSchedule
+    from pipeline.train.state import model_for_sampling
 
     try:
         local = client.download_artifacts(run_id, artifact, str(work))
@@ -284,7 +284,7 @@ def quality_metrics(
     disjoint halves of the eval split (smaller samples, so higher).
     """
     from pipeline.data import load_split_arrays
-    from pipeline.evaluation import frechet_distance, gaussian_stats, load_or_train_feature_net
+    from pipeline.sample.quality import frechet_distance, gaussian_stats, load_or_train_feature_net
 
     t0 = time.perf_counter()
     ev = load_split_arrays(data_url, storage, "eval")
@@ -337,7 +337,7 @@ def quality_metrics(
 
 def run(s: SampleSettings, *, after_batch: Callable | None = None, log: Callable[[str], None] = print) -> dict:
     """Do the evaluation; returns the summary (also printed as JSON by ``main``)."""
-    from pipeline.sampler import SamplerOptions
+    from pipeline.ddpm.sampler import SamplerOptions
 
     t_job = time.perf_counter()
     client = _mlflow_client(s)
@@ -388,7 +388,7 @@ def run(s: SampleSettings, *, after_batch: Callable | None = None, log: Callable
         import ray
 
         from pipeline.cluster import connect
-        from pipeline.fanout import PoolError, SamplingPool, make_batches
+        from pipeline.sample.pool import PoolError, SamplingPool, make_batches
 
         ray_started = not ray.is_initialized()
         try:

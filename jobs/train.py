@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.checkpoint import images_of  # noqa: E402
 from pipeline.config import ConfigError, Settings  # noqa: E402
-from pipeline.storage import filesystem  # noqa: E402
+from pipeline.data.storage import filesystem  # noqa: E402
 
 
 def _worker(config: dict) -> None:
@@ -25,7 +25,7 @@ def _worker(config: dict) -> None:
     import pyarrow.fs as pafs
     import ray.train
 
-    from pipeline.trainer import Session, train_worker
+    from pipeline.train.loop import Session, train_worker
 
     settings = Settings.model_validate(config["settings"])
     fs, run_path = filesystem(settings.storage.checkpoint_url, settings.storage)

@@ -23,8 +23,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from pipeline.schedule import NoiseSchedule
-from pipeline.unet import PRESETS, UNetConfig
+from pipeline.ddpm.schedule import NoiseSchedule
+from pipeline.ddpm.unet import PRESETS, UNetConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

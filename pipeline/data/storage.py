@@ -1,4 +1,5 @@
-"""Reading and writing dataset objects on S3 (boto3, streaming) or in a local directory.
+"""Reading and writing objects on S3 (boto3, streaming) or in a local directory; pyarrow filesystems for
+Ray Train's checkpoint storage.
 
 URLs are ``s3://bucket/key`` or local paths (plain or ``file://``). One boto3 client per process and
 storage configuration, created lazily, so DataLoader workers make their own after the fork. Clients
@@ -285,3 +286,24 @@ def register_webdataset_s3(storage: Any) -> None:
         return open_read(url, kw)
 
     gopen_schemes["s3"] = gopen_s3
+
+
+def filesystem(url: str, storage) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) for ``url``: Ray Train's checkpoint storage. S3 uses the
+    configured endpoint and keys."""
+    import pyarrow.fs as pafs
+
+    loc = parse_url(url)
+    if not loc.is_s3:
+        return pafs.LocalFileSystem(), str(loc.path.resolve())
+    kw = storage.boto3_kwargs()
+    args = {
+        "access_key": kw["aws_access_key_id"],
+        "secret_key": kw["aws_secret_access_key"],
+        "region": kw["region_name"],
+    }
+    if kw["endpoint_url"]:
+        ep = urlparse(kw["endpoint_url"])
+        args |= {"endpoint_override": ep.netloc, "scheme": ep.scheme or "http"}
+    path = f"{loc.bucket}/{loc.key}".rstrip("/")
+    return pafs.S3FileSystem(**{k: v for k, v in args.items() if v is not None}), path

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.sampler import SamplerOptions, SeededNoise, ddim_timesteps, sample
-from pipeline.schedule import NoiseSchedule
-from pipeline.unet import UNet, preset
+from pipeline.ddpm.sampler import SamplerOptions, SeededNoise, ddim_timesteps, sample
+from pipeline.ddpm.schedule import NoiseSchedule
+from pipeline.ddpm.unet import UNet, preset
 
 
 class DummyEps(torch.nn.Module):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline import dist
 from pipeline.checkpoint import (
     CorruptCheckpoint,
     checkpoint_name,
@@ -31,9 +30,10 @@ from pipeline.checkpoint import (
     write_checkpoint,
 )
 from pipeline.config import Settings
+from pipeline.ddpm.sampler import SamplerOptions, sample, to_uint8
 from pipeline.grid import grid_png
-from pipeline.sampler import SamplerOptions, sample, to_uint8
-from pipeline.training import OptimConfig, TrainState
+from pipeline.train import dist
+from pipeline.train.state import OptimConfig, TrainState
 
 QUARTILE_NAMES = ("q1", "q2", "q3", "q4")
 

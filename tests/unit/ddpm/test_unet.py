@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.unet import PRESETS, UNet, UNetConfig, count_parameters, preset
+from pipeline.ddpm.unet import PRESETS, UNet, UNetConfig, count_parameters, preset
 
 
 def test_cifar_preset_is_the_papers_35_7m_model():

@@ -20,15 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
+from jobs import prepare_data
 from pipeline.config import DataConfig
 from pipeline.data import ShardReader, load_split_arrays, open_manifest, register_webdataset_s3
 from pipeline.data.sources import digits_source, split_items
 from pipeline.data.storage import join_url, list_urls, read_bytes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB = REPO_ROOT / "jobs" / "prepare_data.py"
-sys.path.insert(0, str(REPO_ROOT / "jobs"))
-import prepare_data  # noqa: E402
 
 
 def run_job(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """Benchmark: how fast the shard reader delivers images from S3 vs how fast the trainer consumes them.
 
     eval "$(python -m infra.stack env)"          # or any S3 via AWS_* / --storage.* flags
-    python jobs/bench_data.py [--data.url s3://ddpm-data/bench-digits] [--rounds 3] [--json-out FILE]
+    python benchmarks/bench_data.py [--data.url s3://ddpm-data/bench-digits] [--rounds 3] [--json-out FILE]
 
 Reader: ``--epochs`` epochs of ``ShardReader.stream()`` (rank 0 of 1, batch 64, as the trainer reads:
 a new DataLoader per epoch, started two batches early) with 1 and 2 DataLoader workers; images/s =
@@ -63,8 +63,8 @@ def reader_rate(s: BenchSettings, m: Manifest, workers: int, epoch0: int) -> dic
 
 def trainer_rate(s: BenchSettings, x0: torch.Tensor) -> dict[str, float]:
     from pipeline.config import DiffusionConfig
-    from pipeline.loss import diffusion_loss
-    from pipeline.unet import UNet, preset
+    from pipeline.ddpm.loss import diffusion_loss
+    from pipeline.ddpm.unet import UNet, preset
 
     torch.set_num_threads(s.threads)
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.schedule import NoiseSchedule, Objective
+from pipeline.ddpm.schedule import NoiseSchedule, Objective
 
 
 @dataclass

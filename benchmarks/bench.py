@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Throughput benchmark of the trainer and the sampler (issues 8 and 2). torch (and numpy) only.
 
-    python jobs/bench.py [model] --preset cifar --image-size 32 --channels 3 --device cuda --json out.json
-    python jobs/bench.py --preset tiny --image-size 8 --channels 1 --quick --json smoke.json
-    python jobs/bench.py sampler-vs-seed [--batch 256 --steps 4 --threads 2 --json b.json]
+    python benchmarks/bench.py [model] --preset cifar --image-size 32 --channels 3 --device cuda --json out.json
+    python benchmarks/bench.py --preset tiny --image-size 8 --channels 1 --quick --json smoke.json
+    python benchmarks/bench.py sampler-vs-seed [--batch 256 --steps 4 --threads 2 --json b.json]
 
 ``model`` (the default) measures, for one preset and image size:
   * model FLOPs per image (torch.utils.flop_counter.FlopCounterMode: forward, and forward+backward);
   * training images/s of the real ``TrainState.train_step`` (forward, backward, clipping, AdamW, EMA);
-  * sampling images/s of ``pipeline.sampler.sample`` for a 1000-step ancestral run and a 50-step
+  * sampling images/s of ``pipeline.ddpm.sampler.sample`` for a 1000-step ancestral run and a 50-step
     DDIM run, extrapolated from a short run of each (``--sample-steps`` steps; see below);
   * each speed option ("variant") as a ratio against plain fp32 eager, measured in the same run,
     interleaved round by round, as the median over rounds of the paired ratio.
@@ -22,8 +22,8 @@ as any step of the 1000-step run) and a DDIM run with n steps on the 1000-step s
 full run = setup + (t_n - setup) * 1000/n (or 50/n), where setup (the per-seed generators and x_T)
 is timed separately.
 
-``sampler-vs-seed`` (issue 2): ``pipeline.sampler.sample`` against a loop written like seed 000
-(``pipeline.perf.seed_sampling``: two model evaluations per clipped step, per-step gathers and
+``sampler-vs-seed`` (issue 2): ``pipeline.ddpm.sampler.sample`` against a loop written like seed 000
+(``benchmarks.perf.seed_sampling``: two model evaluations per clipped step, per-step gathers and
 square roots), on the same model, interleaved, in clip and no-clip mode.
 """
 
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.perf import (  # noqa: E402
+from benchmarks.perf import (  # noqa: E402
     Timing,
     device_name,
     interleaved,
@@ -56,10 +56,10 @@ from pipeline.perf import (  # noqa: E402
     seed_sampling,
     synchronize,
 )
-from pipeline.sampler import CUDAGraphModel, SamplerOptions, SeededNoise, sample  # noqa: E402
-from pipeline.schedule import NoiseSchedule  # noqa: E402
-from pipeline.training import OptimConfig, TrainState  # noqa: E402
-from pipeline.unet import UNet, preset  # noqa: E402
+from pipeline.ddpm.sampler import CUDAGraphModel, SamplerOptions, SeededNoise, sample  # noqa: E402
+from pipeline.ddpm.schedule import NoiseSchedule  # noqa: E402
+from pipeline.ddpm.unet import UNet, preset  # noqa: E402
+from pipeline.train.state import OptimConfig, TrainState  # noqa: E402
 
 TOKENS = ("fp32", "math", "channels_last", "bf16", "fused", "compile", "cuda_graph", "cudnn_benchmark")
 ALIASES = {"cl": "channels_last", "sdpa": "fp32", "fused_adamw": "fused", "graph": "cuda_graph"}
@@ -640,7 +640,7 @@ def print_train(s: dict) -> None:
 
 def print_sample(s: dict) -> None:
     print(
-        f"\nsampling (pipeline.sampler.sample), batch {s['batch']}, extrapolated from {s['timed_steps']} steps; "
+        f"\nsampling (pipeline.ddpm.sampler.sample), batch {s['batch']}, extrapolated from {s['timed_steps']} steps; "
         "ratios (ancestral): paired medians (wall | CPU time):"
     )
     print(

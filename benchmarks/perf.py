@@ -1,4 +1,4 @@
-"""Performance helpers for jobs/bench.py and tests/test_perf.py: timing, FLOP counting, device peaks,
+"""Performance helpers for benchmarks/bench.py and tests/test_perf.py: timing, FLOP counting, device peaks,
 and a seed-000-style sampling loop used as the baseline of issue 2's measurement.
 
 torch (and numpy) only: this module must import on a bare GPU box without Ray, MLflow or pydantic.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.schedule import NoiseSchedule
+from pipeline.ddpm.schedule import NoiseSchedule
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, matched in order
 # against torch.cuda.get_device_name(): the first substring that occurs wins.
@@ -215,7 +215,7 @@ def seed_sample_p(
     the posterior variance is taken per step, and with ``clipping`` the model is evaluated twice (once
     for the x_0 reconstruction, once in the eps-form mean the seed computes on every step). The seed
     then returns that eps-form mean, discarding the clipped one; here the clipped mean is returned
-    (the correct maths), so both modes give the same images as ``pipeline.sampler.sample``.
+    (the correct maths), so both modes give the same images as ``pipeline.ddpm.sampler.sample``.
     The model takes 0-based timestep indices (schedule.py), hence ``t - 1``.
     """
     betas_t_sampled = sample_by_t(tables["betas_t"], t, x_t.shape)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
-from pipeline.evaluation import (
+from pipeline.sample.quality import (
     FeatureNetConfig,
     frechet_distance,
     frechet_distance_features,

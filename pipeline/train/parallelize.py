@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline import dist
+from pipeline.train import dist
 
 
 def parallelize(

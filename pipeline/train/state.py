@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from pipeline.ema import EMA
-from pipeline.loss import diffusion_loss
-from pipeline.parallelize import parallelize
-from pipeline.schedule import NoiseSchedule, Objective
-from pipeline.unet import UNet, UNetConfig
+from pipeline.ddpm.ema import EMA
+from pipeline.ddpm.loss import diffusion_loss
+from pipeline.ddpm.schedule import NoiseSchedule, Objective
+from pipeline.ddpm.unet import UNet, UNetConfig
+from pipeline.train.parallelize import parallelize
 
 
 @dataclass

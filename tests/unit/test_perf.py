@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.loss import diffusion_loss
-from pipeline.perf import (
+from benchmarks.perf import (
     count_flops,
     interleaved,
     model_flops,
@@ -28,12 +27,13 @@ from pipeline.perf import (
     perturb_,
     seed_sampling,
 )
-from pipeline.sampler import CUDAGraphModel, SamplerOptions, SeededNoise, sample
-from pipeline.schedule import NoiseSchedule
-from pipeline.training import OptimConfig, TrainState
-from pipeline.unet import UNet, preset
+from pipeline.ddpm.loss import diffusion_loss
+from pipeline.ddpm.sampler import CUDAGraphModel, SamplerOptions, SeededNoise, sample
+from pipeline.ddpm.schedule import NoiseSchedule
+from pipeline.ddpm.unet import UNet, preset
+from pipeline.train.state import OptimConfig, TrainState
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHED = NoiseSchedule("linear", 20)
 SHAPE = (1, 8, 8)
 
@@ -192,7 +192,7 @@ def test_cuda_graph_options_are_refused_off_gpu():
         CUDAGraphModel(model)(torch.zeros(1, *SHAPE), torch.zeros(1, dtype=torch.long))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (jobs/bench.py checks this too)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/bench.py checks this too)")
 def test_cuda_graph_and_reduce_overhead_match_eager_on_gpu():
     model = _tiny().cuda().eval()
     ref = sample(model, SCHED, range(8), SHAPE, SamplerOptions("ancestral"), device="cuda")
@@ -275,13 +275,13 @@ def test_interleaved_rounds_and_errors():
 
 # -- the bench itself ---------------------------------------------------------------------------------------
 
-# Runs jobs/bench.py as on a bare GPU box: with Ray, MLflow, pydantic, webdataset and boto3 unimportable.
+# Runs benchmarks/bench.py as on a bare GPU box: with Ray, MLflow, pydantic, webdataset and boto3 unimportable.
 _BLOCKED_RUN = """
 import runpy, sys
 for name in ("ray", "mlflow", "pydantic", "pydantic_settings", "webdataset", "boto3", "tqdm", "pipeline.config"):
     sys.modules[name] = None  # import raises ImportError; importlib.util.find_spec gives None
-sys.argv = ["jobs/bench.py", *sys.argv[1:]]
-runpy.run_path("jobs/bench.py", run_name="__main__")
+sys.argv = ["benchmarks/bench.py", *sys.argv[1:]]
+runpy.run_path("benchmarks/bench.py", run_name="__main__")
 """
 
 

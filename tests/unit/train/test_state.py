@@ -5,10 +5,10 @@ import io
 import pytest
 import torch
 
-from pipeline.sampler import SamplerOptions, sample
-from pipeline.schedule import NoiseSchedule
-from pipeline.training import OptimConfig, TrainState, lr_at, model_for_sampling
-from pipeline.unet import preset
+from pipeline.ddpm.sampler import SamplerOptions, sample
+from pipeline.ddpm.schedule import NoiseSchedule
+from pipeline.ddpm.unet import preset
+from pipeline.train.state import OptimConfig, TrainState, lr_at, model_for_sampling
 
 
 def square_target() -> torch.Tensor:
@@ -137,7 +137,7 @@ class _Position:
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     from pipeline.checkpoint import checkpoint_name, write_checkpoint
-    from pipeline.trainer import Session, restore
+    from pipeline.train.loop import Session, restore
 
     s = _state()
     dirs = []
@@ -169,10 +169,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_trainer_save_then_restore_continues_identically(tmp_path, device):
-    """pipeline.trainer.save / restore, on the model's device (random states stay CPU tensors)."""
+    """pipeline.train.loop.save / restore, on the model's device (random states stay CPU tensors)."""
     import shutil
 
-    from pipeline.trainer import Session, restore, save
+    from pipeline.train.loop import Session, restore, save
 
     def make(seed):
         return TrainState(
@@ -228,7 +228,7 @@ def test_a_noise_generator_state_from_another_device_is_reseeded(tmp_path, capsy
     """A run saved on a GPU (16-byte CUDA generator state) resumes on a CPU worker, and vice versa."""
     import shutil
 
-    from pipeline.trainer import Session, restore, save
+    from pipeline.train.loop import Session, restore, save
 
     def report(metrics, directory, name):
         if directory is not None:
@@ -255,7 +255,7 @@ def test_a_noise_generator_state_from_another_device_is_reseeded(tmp_path, capsy
 
 
 # ------------------------------------------------------------------------------------------------
-# The loop's rollback after repeated non-finite steps (pipeline.trainer.train_worker, one process)
+# The loop's rollback after repeated non-finite steps (pipeline.train.loop.train_worker, one process)
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +274,7 @@ def _run_loop(data_url, store, poison_calls, monkeypatch, loader_workers="auto")
 
     from pipeline.checkpoint import images_of
     from pipeline.config import Settings
-    from pipeline.trainer import Session, train_worker
+    from pipeline.train.loop import Session, train_worker
 
     settings = Settings.from_cli(
         ["--model.preset", "tiny", "--diffusion.num-timesteps", "100", "--data.url", str(data_url),

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark of the evaluation sampling job (jobs/sample.py) on one trained model, in one run.
 
-    python jobs/bench_sample.py                      # trains a digits model for --train-seconds first
-    python jobs/bench_sample.py --run-id RUN         # or uses an existing training run
-    python jobs/bench_sample.py --out bench.json     # figures also as JSON
+    python benchmarks/bench_sample.py                      # trains a digits model for --train-seconds first
+    python benchmarks/bench_sample.py --run-id RUN         # or uses an existing training run
+    python benchmarks/bench_sample.py --out bench.json     # figures also as JSON
 
 Measures, on the same checkpoint:
   1. scaling: DDIM-50 with 2 actors vs 1 actor (1 thread each), the same seeds, interleaved
@@ -39,16 +39,10 @@ from pipeline.config import ConfigError, JobSettings, StorageConfig, TrackingCon
 
 
 def load_job(name: str):
-    """The module of ``jobs/<name>.py`` (jobs/ is not a package), registered in sys.modules."""
-    import importlib.util
+    """The module of ``jobs/<name>.py``."""
+    import importlib
 
-    key = f"ddpm_jobs_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO_ROOT / "jobs" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod  # pydantic resolves the settings' annotations through it
-        spec.loader.exec_module(mod)
-    return sys.modules[key]
+    return importlib.import_module(f"jobs.{name}")
 
 
 def prepare_digits(url: str, *, eval_fraction: float = 0.2) -> None:
@@ -96,9 +90,9 @@ def train_state(
     import torch
 
     from pipeline.data import load_split_arrays
-    from pipeline.schedule import NoiseSchedule
-    from pipeline.training import OptimConfig, TrainState
-    from pipeline.unet import preset as unet_preset
+    from pipeline.ddpm.schedule import NoiseSchedule
+    from pipeline.ddpm.unet import preset as unet_preset
+    from pipeline.train.state import OptimConfig, TrainState
 
     split = load_split_arrays(data_url, _storage(), "train")
     x = torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -23,25 +23,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import bench_sample
 from infra.stack import refresh_ray_auth
+from jobs import sample as sample_job
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    """jobs/<name>.py as a module (jobs/ is not a package), registered so pydantic resolves its types."""
-    import importlib.util
-
-    key = f"ddpm_jobs_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO_ROOT / "jobs" / f"{name}.py")
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
-
-
-bench_sample = _load("bench_sample")
-sample_job = bench_sample.load_job("sample")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SCHEDULE = {"kind": "linear", "num_timesteps": 100, "beta_start": 1e-3, "beta_end": 0.2, "cosine_s": 0.008}
 CHUNK = 8  # model calls of 8 images in every run below, so images can be compared byte for byte
@@ -91,7 +77,7 @@ def test_dry_run_prints_the_settings(capsys, monkeypatch, tmp_path):
 
 
 def test_batches_cover_every_seed_once():
-    from pipeline.fanout import make_batches
+    from pipeline.sample.pool import make_batches
 
     batches = make_batches(1000, 23, 5)
     assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
@@ -101,10 +87,10 @@ def test_batches_cover_every_seed_once():
 
 def test_fixed_shape_calls_make_images_independent_of_the_batch():
     """Plain batched U-Net calls differ at ~1e-6 between batch sizes; calls of one fixed shape do not."""
-    from pipeline.fanout import FixedShapeCalls
-    from pipeline.sampler import SamplerOptions, sample
-    from pipeline.schedule import NoiseSchedule
-    from pipeline.unet import UNet, preset
+    from pipeline.ddpm.sampler import SamplerOptions, sample
+    from pipeline.ddpm.schedule import NoiseSchedule
+    from pipeline.ddpm.unet import UNet, preset
+    from pipeline.sample.pool import FixedShapeCalls
 
     torch.manual_seed(0)
     model = UNet(preset("tiny", image_size=8, in_channels=1)).eval()
@@ -203,10 +189,10 @@ def _npz(trained, summary, tmp_path) -> dict[str, np.ndarray]:
 def _expected(trained, seeds) -> np.ndarray:
     """The images of ``seeds`` computed here, in this process, as an actor computes them."""
     from pipeline.checkpoint import load_sampling_export, sampling_export
-    from pipeline.fanout import FixedShapeCalls
-    from pipeline.sampler import SamplerOptions, sample, to_uint8
-    from pipeline.schedule import NoiseSchedule
-    from pipeline.training import model_for_sampling
+    from pipeline.ddpm.sampler import SamplerOptions, sample, to_uint8
+    from pipeline.ddpm.schedule import NoiseSchedule
+    from pipeline.sample.pool import FixedShapeCalls
+    from pipeline.train.state import model_for_sampling
 
     state = load_sampling_export(sampling_export(trained.state.state_dict()))
     model = FixedShapeCalls(model_for_sampling(state, ema=True), CHUNK)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.schedule import NoiseSchedule, Objective, Variance
+from pipeline.ddpm.schedule import NoiseSchedule, Objective, Variance
 
 Method = Literal["ancestral", "ddim"]
 

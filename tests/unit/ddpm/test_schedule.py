@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.schedule import NoiseSchedule
+from pipeline.ddpm.schedule import NoiseSchedule
 
 
 def test_linear_betas_and_alpha_bar_is_running_product():

@@ -3,7 +3,7 @@
 The seed range is cut into batches (``make_batches``); a pool of actors (one GPU each where the
 cluster has GPUs, else ``num_cpus=threads`` with ``torch.set_num_threads(threads)``) each load the
 weights once, from one ``ray.put`` of the checkpoint bytes, and sample the batches they are handed.
-Since every image has its own random stream (``pipeline.sampler``), the image of a seed does not
+Since every image has its own random stream (``pipeline.ddpm.sampler``), the image of a seed does not
 depend on the batch it lands in, the batch size or the number of actors.
 
 The driver keeps at most ``depth`` batches in flight per actor, takes results with ``ray.wait`` as
@@ -95,10 +95,10 @@ class SamplerWorker:
         import torch
 
         from pipeline.checkpoint import load_sampling_export
-        from pipeline.sampler import SamplerOptions
-        from pipeline.schedule import NoiseSchedule
-        from pipeline.training import model_for_sampling
-        from pipeline.unet import UNetConfig
+        from pipeline.ddpm.sampler import SamplerOptions
+        from pipeline.ddpm.schedule import NoiseSchedule
+        from pipeline.ddpm.unet import UNetConfig
+        from pipeline.train.state import model_for_sampling
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -125,7 +125,7 @@ class SamplerWorker:
 
     def sample(self, seeds: Sequence[int]) -> tuple[np.ndarray, float, float]:
         """(uint8 NHWC images, wall seconds, CPU seconds of this process)."""
-        from pipeline.sampler import sample, to_uint8
+        from pipeline.ddpm.sampler import sample, to_uint8
 
         t0, c0 = time.perf_counter(), time.process_time()
         x = sample(self.call, self.schedule, list(seeds), self.shape, self.options, device=self.device)

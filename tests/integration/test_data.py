@@ -38,7 +38,7 @@ from pipeline.data.sources import digits_source, encode_png, prepare_image
 from pipeline.data.storage import delete_urls, join_url, read_bytes, write_bytes
 from pipeline.data.writer import SplitWriter
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 UNEVEN = [400, 37, 300, 120, 250, 10, 350, 150]  # 1617 samples in deliberately uneven shards
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "jobs" / "train.py"
 DATA_URL = "s3://ddpm-data/test-train-digits"
 
@@ -136,7 +136,7 @@ def test_two_worker_run_checkpoints_and_tracks(stack, uninterrupted):
     assert len(ckpts) == 3, arts  # 640, 1280 and the final one, each loadable for sampling
     local = client.download_artifacts(run.info.run_id, ckpts[-1])
     from pipeline.checkpoint import load_sampling_export
-    from pipeline.training import model_for_sampling
+    from pipeline.train.state import model_for_sampling
 
     state = load_sampling_export(local)
     assert state["images_seen"] >= 1600 and state["schedule"]["num_timesteps"] == 100

@@ -1,11 +1,11 @@
 """Training throughput on the local stack, measured in one run (issue 5's figures).
 
-    .venv/bin/python jobs/bench_train.py [--images 30000] [--json out.json]
+    .venv/bin/python benchmarks/bench_train.py [--images 30000] [--json out.json]
 
 1. Ray Train with 1 and with 2 CPU workers of one thread each: steady-state images/s and the
    2-vs-1 ratio (goal >= 1.8x on 2 cores).
    Also 2 workers at the same per-worker batch (global 256), the usual way scaling is quoted.
-2. The same loop (pipeline.trainer.train_worker) under plain torch.distributed (2 processes,
+2. The same loop (pipeline.train.loop.train_worker) under plain torch.distributed (2 processes,
    gloo, started with torchrun) vs Ray Train with 2 workers: per-step time overhead
    (goal <= 3%) and start-up seconds (launch to the end of the first step), reported apart.
 3. The share of wall time spent on MLflow logging and checkpointing in the Ray runs (goal <= 2%).
@@ -71,7 +71,7 @@ def plain_worker(settings_file: str, out_dir: str) -> None:
     import torch.distributed as td
 
     from pipeline.config import Settings
-    from pipeline.trainer import Session, train_worker
+    from pipeline.train.loop import Session, train_worker
 
     td.init_process_group("gloo")
     s = Settings.model_validate(json.loads(Path(settings_file).read_text()))
