@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from pipeline.ddpm.sampler import SamplerOptions
 from pipeline.ddpm.schedule import NoiseSchedule
 from pipeline.ddpm.unet import PRESETS, UNetConfig
 
@@ -161,6 +162,10 @@ class SampleConfig(Section):
     )
     clip: bool = Field(True, description="clip the predicted x0 to [-1, 1] and use the posterior mean")
     batch_size: int = Field(256, ge=1, description="images per model call")
+
+    def options(self, objective: str) -> SamplerOptions:
+        """The sampler's own (torch-only) options, for a model trained with ``objective``."""
+        return SamplerOptions(self.method, self.steps, self.eta, self.variance, self.clip, objective)
 
 
 class StorageConfig(Section):

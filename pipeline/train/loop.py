@@ -30,7 +30,7 @@ from pipeline.checkpoint import (
     write_checkpoint,
 )
 from pipeline.config import Settings
-from pipeline.ddpm.sampler import SamplerOptions, sample, to_uint8
+from pipeline.ddpm.sampler import sample, to_uint8
 from pipeline.grid import grid_png
 from pipeline.train import dist
 from pipeline.train.state import OptimConfig, TrainState
@@ -68,11 +68,6 @@ def optim_config(s: Settings) -> OptimConfig:
         compile_mode=t.compile_mode,
         fused_adamw=t.fused_adamw,
     )
-
-
-def sampler_options(s: Settings) -> SamplerOptions:
-    p = s.sample
-    return SamplerOptions(p.method, p.steps, p.eta, p.variance, p.clip, s.diffusion.objective)
 
 
 def schedule_figure(schedule) -> bytes:
@@ -274,7 +269,7 @@ def log_grid(state: TrainState, settings: Settings, tracker) -> None:
         state.schedule,
         range(settings.train.grid_size),
         shape,
-        sampler_options(settings),
+        settings.sample.options(settings.diffusion.objective),
         device=state.device,
     )
     tracker.log_bytes(grid_png(to_uint8(imgs)), f"grid_{checkpoint_name(state.images_seen)}.png", "samples")
