@@ -32,7 +32,7 @@ def diffusion_loss(
 ) -> LossOutput:
     """t ~ Uniform{1..T}, eps ~ N(0, I); MSE between the target and the model's output at x_t.
 
-    The eps objective is DDPM eq. 14 (L_simple; seed 003 eq. 1.6.10). The x0 and v objectives
+    The eps objective is DDPM eq. 14 (L_simple). The x0 and v objectives
     regress the clean image and the velocity instead; all use the same x_t.
     """
     b = x0.shape[0]

@@ -6,7 +6,7 @@ and index ``t`` stands for the paper's timestep ``t + 1``. So ``betas[0]`` is th
 the clean image). Sampling walks ``t = T-1 .. 0``; the step at ``t = 0`` (the paper's t = 1) is the
 last one and adds no noise (Algorithm 2, line 3).
 
-Equation numbers: Ho et al. 2020 ("DDPM"), and the tutorial text in shared/seeds/003 ("1.x.y").
+Equation numbers are Ho et al. 2020 ("DDPM").
 Schedule tensors are computed once in float64; coefficients are cast to the data's dtype and
 device when gathered, and those casts are cached so the sampling loop does not repeat them.
 """
@@ -73,13 +73,13 @@ class NoiseSchedule:
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
-        # beta-tilde_t (DDPM eq. 7; seed 003 eq. 1.6.5) is a variance: the sampler takes its sqrt.
+        # beta-tilde_t (DDPM eq. 7) is a variance: the sampler takes its sqrt.
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # beta-tilde_1 = 0, so its log is clipped to beta-tilde_2's, as in the DDPM reference code.
         self.posterior_log_variance_clipped = torch.log(
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
         )
-        # Posterior mean mu-tilde(x_t, x_0) = coef_x0 * x_0 + coef_xt * x_t (DDPM eq. 7; seed 003 eq. 1.6.4).
+        # Posterior mean mu-tilde(x_t, x_0) = coef_x0 * x_0 + coef_xt * x_t (DDPM eq. 7).
         self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef_xt = (
             (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
@@ -106,7 +106,7 @@ class NoiseSchedule:
 
     # -- forward process ---------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Sample q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I) (DDPM eq. 4; seed 003 eq. 1.6.2)."""
+        """Sample q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I) (DDPM eq. 4)."""
         return (
             self._coef("sqrt_alphas_cumprod", t, x0) * x0 + self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * noise
         )
@@ -123,7 +123,7 @@ class NoiseSchedule:
 
     # -- converting a model output -------------------------------------------------------------------
     def predict_x0_from_eps(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
-        """Invert eq. 4 for x_0 (seed 003 eq. 1.6.6)."""
+        """Invert eq. 4 for x_0: x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t)."""
         return (
             self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
@@ -159,18 +159,18 @@ class NoiseSchedule:
 
     # -- reverse process -----------------------------------------------------------------------------
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-        """mu-tilde_t(x_t, x_0) (DDPM eq. 7; seed 003 eq. 1.5.20 / 1.6.4)."""
+        """mu-tilde_t(x_t, x_0) (DDPM eq. 7)."""
         return self._coef("posterior_mean_coef_x0", t, x_t) * x0 + self._coef("posterior_mean_coef_xt", t, x_t) * x_t
 
     def posterior_mean_from_eps(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
-        """mu_theta = (x_t - beta_t / sqrt(1 - alpha-bar_t) eps) / sqrt(alpha_t) (DDPM eq. 11; seed 003 1.6.7)."""
+        """mu_theta = (x_t - beta_t / sqrt(1 - alpha-bar_t) eps) / sqrt(alpha_t) (DDPM eq. 11)."""
         coef = self._coef("betas", t, x_t) / self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
         return (x_t - coef * eps) / self._coef("alphas", t, x_t).sqrt()
 
     def sigma(self, t, like: torch.Tensor, variance: Variance) -> torch.Tensor:
         """Standard deviation of p(x_{t-1} | x_t): sqrt(beta_t) or sqrt(beta-tilde_t) (DDPM section 3.2).
 
-        Seed 001 prints the variance where the standard deviation belongs; this is the square root.
+        The paper's sigma_t^2 is a variance; sampling needs its square root.
         """
         if variance == "fixed_small":
             return self._coef("posterior_variance", t, like).sqrt()

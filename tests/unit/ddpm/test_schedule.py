@@ -54,7 +54,7 @@ def test_add_noise_matches_iterating_the_one_step_kernel():
 
 
 def test_posterior_equals_gaussian_conditioning():
-    """Eq. 6-7 / seed 003 eq. 1.5.20 from Bayes' rule on the joint Gaussian of (x_{t-1}, x_t) given x_0."""
+    """Eq. 6-7 from Bayes' rule on the joint Gaussian of (x_{t-1}, x_t) given x_0."""
     s = NoiseSchedule("linear", 1000)
     g = torch.Generator().manual_seed(1)
     for t in (1, 2, 50, 999):
@@ -67,14 +67,14 @@ def test_posterior_equals_gaussian_conditioning():
         var = (1 - ab_prev) - cov**2 / (1 - ab)
         torch.testing.assert_close(s.posterior_mean(x0, xt, t), mean, rtol=1e-10, atol=1e-12)
         assert s.posterior_variance[t].item() == pytest.approx(var.item(), rel=1e-9)
-        # Seed 003 eq. 1.6.5 written out.
+        # beta-tilde_t (eq. 7) written out.
         assert s.posterior_variance[t].item() == pytest.approx(((1 - a) * (1 - ab_prev) / (1 - ab)).item(), rel=1e-12)
     assert s.posterior_variance[0] == 0.0  # x_0 given x_1 and x_0 is certain
     assert torch.isfinite(s.posterior_log_variance_clipped).all()
 
 
 def test_eps_form_of_the_posterior_mean():
-    """Eq. 11 / seed 003 eq. 1.6.7: mu(x_t, x_0(x_t, eps)) = (x_t - beta/sqrt(1-ab) eps)/sqrt(alpha)."""
+    """Eq. 11: mu(x_t, x_0(x_t, eps)) = (x_t - beta/sqrt(1-ab) eps)/sqrt(alpha)."""
     s = NoiseSchedule("linear", 1000)
     g = torch.Generator().manual_seed(2)
     for t in (0, 5, 500, 999):
