@@ -1,7 +1,9 @@
 """Training data: WebDataset shards + manifest on S3 or a local directory.
 
-Importable without Ray and MLflow. The trainer needs ``ShardReader`` and ``Batch``; the evaluation
-job ``load_split_arrays``; ``jobs/prepare_data.py`` writes datasets with ``SplitWriter``.
+Importable without Ray and MLflow. The flow: ``prepare`` (sources -> ``writer``) writes a dataset;
+``manifest`` describes it; ``plan`` splits each epoch's shards over ranks and streams; ``shards``
+reads and decodes samples and accounts for bad data; ``reader`` turns them into training batches
+(``ShardReader``, ``Batch``). The evaluation reads whole splits with ``load_split_arrays``.
 See docs/data.md.
 """
 
@@ -17,7 +19,9 @@ from pipeline.data.errors import (
     StorageUnreachableError,
 )
 from pipeline.data.manifest import Manifest, ShardEntry, check_matches, open_manifest
-from pipeline.data.reader import Batch, EpochPlan, ShardReader, SplitArrays, StreamPlan, load_split_arrays, plan_epoch
+from pipeline.data.plan import EpochPlan, StreamPlan, plan_epoch
+from pipeline.data.reader import Batch, ShardReader
+from pipeline.data.shards import SplitArrays, load_split_arrays
 from pipeline.data.storage import register_webdataset_s3
 
 __all__ = [
