@@ -5,10 +5,11 @@
 
 Reader: ``--epochs`` epochs of ``ShardReader.stream()`` (rank 0 of 1, batch 64, as the trainer reads:
 a new DataLoader per epoch, started two batches early) with 1 and 2 DataLoader workers; images/s =
-images yielded / wall time, the first epoch's worker start-up included. Trainer: real training steps of the ``digits`` U-Net (8x8, 1 channel) at batch 64 with 2
-torch threads: ``diffusion_loss`` + backward + AdamW step. Measurements are interleaved over
-``--rounds`` rounds and medians reported (this machine is noisy). The dataset is written first with
-jobs/prepare_data.py if ``--data.url`` holds none. Goal: reader >= 5x consumption.
+images yielded / wall time, the first epoch's worker start-up included. Trainer: real training steps
+of the ``digits`` U-Net (8x8, 1 channel) at batch 64 with 2 torch threads: ``diffusion_loss`` + backward + AdamW step. Measurements are interleaved over
+``--rounds`` rounds and medians reported (this machine is noisy). The digits are written first
+(``pipeline.data.prepare.ensure_dataset``) if ``--data.url`` holds no dataset. Goal: reader >= 5x
+consumption.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from pydantic import Field
 
-from pipeline.config import ConfigError, DataConfig, JobSettings, StorageConfig
+from pipeline.cli import JobError, run_job
+from pipeline.config import DataConfig, JobSettings, StorageConfig
 from pipeline.data import DataError, Manifest, ShardReader
+from pipeline.data.prepare import ensure_dataset
 
 
 class BenchSettings(JobSettings):
@@ -88,26 +88,15 @@ def trainer_rate(s: BenchSettings, x0: torch.Tensor) -> dict[str, float]:
     return {"images_per_s": s.train_steps * len(x0) / wall, "step_s": wall / s.train_steps}
 
 
-def main(argv: list[str] | None = None) -> int:
+def bench(s: BenchSettings) -> int:
     try:
-        s = BenchSettings.from_cli(argv, prog="bench_data.py")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if s.dry_run:
-        print(s.dump())
-        return 0
-    try:
-        from jobs.prepare_data import ensure_dataset
-
         m = ensure_dataset(s.data.url, s.storage)
         probe = ShardReader(
             s.data.model_copy(update={"loader_workers": 0}), s.storage, batch_size=s.batch_size, manifest=m
         )
         x0 = next(iter(probe.iterate(0))).images
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise JobError(str(e)) from e
     if len(x0) < s.batch_size:
         x0 = x0.repeat((s.batch_size + len(x0) - 1) // len(x0), 1, 1, 1)
     x0 = x0[: s.batch_size].contiguous()
@@ -152,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if s.json_out:
         Path(s.json_out).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(BenchSettings, bench, argv, prog="bench_data.py", echo=False)
 
 
 if __name__ == "__main__":
