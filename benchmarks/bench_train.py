@@ -121,7 +121,8 @@ def main() -> int:
         plain_worker(*args.plain_worker)
         return 0
 
-    from infra.stack import Stack, StackConfig, refresh_ray_auth
+    from infra.stack import Stack, StackConfig
+    from pipeline.cluster import refresh_ray_auth
 
     env = Stack(StackConfig.resolve()).up(timeout=240).env
     os.environ.update(env)

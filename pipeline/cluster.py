@@ -1,22 +1,23 @@
 """Connecting a job's driver to Ray: inside ``ray job submit``, from a shell, or a new local Ray.
 
 ``connect`` turns the addresses this project uses into a ``ray.init`` call, including the Jobs API
-URL ``http://host:8265`` that ``RAY_ADDRESS`` holds for the local stack (infra/stack.py).
+URL ``http://host:8265`` that ``RAY_ADDRESS`` often holds (``ray job submit`` wants it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import stack_env_file
+from pipeline.config import env_file
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+RAY_AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 
 
 class AddressError(ValueError):
@@ -27,24 +28,24 @@ class AddressError(ValueError):
 # Connecting
 
 
+def refresh_ray_auth() -> None:
+    """Make an already-imported Ray re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN from os.environ.
+
+    Ray caches its auth mode and token on first use; call this after changing those variables in
+    a process that uses Ray only as a client. Private Ray API, the same calls Ray makes when it
+    turns token auth on for itself; a no-op if they are gone."""
+    if "ray" not in sys.modules:
+        return
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 def in_ray_job() -> bool:
     """True inside a driver started by ``ray job submit`` (Ray sets RAY_ADDRESS to the GCS itself)."""
     return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-
-
-def _stack_gcs_address(host: str, port: int) -> tuple[str | None, dict[str, str]]:
-    """GCS address of the local stack (infra/stack.py) whose dashboard is host:port, and its env."""
-    state = stack_env_file().parent
-    try:
-        saved = json.loads((state / "stack.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None, {}
-    if host not in LOOPBACK or int(saved.get("ray_dashboard_port", -1)) != port:
-        return None, {}
-    env: dict[str, str] = {}
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        env = json.loads((state / "env.json").read_text())
-    return f"127.0.0.1:{int(saved['ray_port'])}", env
 
 
 def _local_ray_args(exe_suffix: str) -> list[dict[str, str]]:
@@ -101,8 +102,8 @@ def resolve_address(address: str | None) -> str:
     None: a new local Ray ("local"; never some other cluster found on the machine). "auto",
     host:port (GCS) and ray://host:port (Ray Client) pass through. http(s)://host:port is the
     dashboard / Jobs API URL, which ``ray.init`` does not take: on this machine it is translated to
-    the GCS address of the Ray whose dashboard it is (the local stack's records, else the running
-    dashboard process); elsewhere the error says what to use instead.
+    the GCS address of the Ray whose dashboard process listens there; elsewhere the error says what
+    to use instead.
     """
     if not address or address == "local":
         return "local"
@@ -110,13 +111,6 @@ def resolve_address(address: str | None) -> str:
         return address
     u = urlparse(address)
     host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
-    gcs, env = _stack_gcs_address(host, port)
-    if gcs:
-        # The stack's Ray wants its token; env.json has it when the caller's environment does not.
-        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-            if env.get(k) and not os.environ.get(k):
-                os.environ[k] = env[k]
-        return gcs
     if host in LOOPBACK:
         gcs = _local_dashboard_gcs_address(port)
         if gcs:
@@ -135,17 +129,19 @@ def connect(address: str | None, *, log: Callable[[str], None] = print) -> dict[
     Outside a Ray job, a driver that joins an existing cluster ships this package to the workers
     (``runtime_env.py_modules``), so the cluster needs torch but not this repository.
     """
-    auth_before = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    auth_before = {k: os.environ.get(k) for k in RAY_AUTH}
+    if not in_ray_job():
+        # A token in the $DDPM_ENV_FILE file serves as if exported, as the address from it does.
+        for k, v in env_file().items():
+            if k in RAY_AUTH and v and not os.environ.get(k):
+                os.environ[k] = v
     target = "auto" if in_ray_job() else resolve_address(address)
     import ray
 
     if ray.is_initialized():
         return {"address": "already connected", "started_local": False}
-    if auth_before != {k: os.environ.get(k) for k in auth_before}:
-        # Ray caches its auth settings when first imported; the stack's token was only set now.
-        from infra.stack import refresh_ray_auth
-
-        refresh_ray_auth()
+    if auth_before != {k: os.environ.get(k) for k in RAY_AUTH}:
+        refresh_ray_auth()  # Ray caches its auth settings when first imported
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     host, _, port = target.rpartition(":")
     if host in LOOPBACK and port.isdigit() and _local_gcs_node_ip(int(port)) in LOOPBACK:

@@ -3,8 +3,8 @@
 Precedence, highest first: command-line flags (``--train.batch-size 64``), ``DDPM_``-prefixed
 environment variables with ``__`` between levels (``DDPM_TRAIN__BATCH_SIZE=64``), the standard
 variables of the services (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``MLFLOW_TRACKING_URI``, ``RAY_ADDRESS``), the local stack's ``env.json`` (written by
-``python -m infra.stack up``; found through ``DDPM_STACK_DIR`` or ``<repo>/.stack``), then defaults.
+``AWS_DEFAULT_REGION``, ``MLFLOW_TRACKING_URI``, ``RAY_ADDRESS``), the same variables from the JSON
+file that ``DDPM_ENV_FILE`` names (when set; e.g. the ``env.json`` a local stack writes), then defaults.
 
 The maths, model and training step never import this module: they take plain dataclasses, so they
 run where only torch is installed.
@@ -220,14 +220,26 @@ class ClusterConfig(Section):
     )
 
 
-def stack_env_file() -> Path:
-    from infra.stack import resolve_state_dir  # the stack's own rule for where it keeps its state
+ENV_FILE_VAR = "DDPM_ENV_FILE"
 
-    return resolve_state_dir(None) / "env.json"
+
+def env_file() -> dict[str, str]:
+    """The variables in the JSON object file that $DDPM_ENV_FILE names; {} when it is unset. They
+    count as if exported, below the real environment: services' settings without a shell ``export``."""
+    path = os.environ.get(ENV_FILE_VAR)
+    if not path:
+        return {}
+    try:
+        values = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SettingsError(f"cannot read {ENV_FILE_VAR}={path}: {e}") from e
+    if not isinstance(values, dict):
+        raise SettingsError(f"{ENV_FILE_VAR}={path} must hold a JSON object of variables")
+    return {str(k): str(v) for k, v in values.items()}
 
 
 class ServiceEnvSource(PydanticBaseSettingsSource):
-    """The services' standard variables, then the local stack's env.json, mapped onto our fields."""
+    """The services' standard variables (the environment over ``env_file()``), mapped onto our fields."""
 
     MAPPING = {
         "AWS_ENDPOINT_URL": ("storage", "endpoint_url"),
@@ -242,14 +254,7 @@ class ServiceEnvSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        values: dict[str, str] = {}
-        path = stack_env_file()
-        if path.is_file():
-            try:
-                values.update(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as e:
-                raise SettingsError(f"cannot read the local stack's settings {path}: {e}") from e
-        values.update({k: v for k, v in os.environ.items() if k in self.MAPPING})
+        values = env_file() | {k: v for k, v in os.environ.items() if k in self.MAPPING}
         out: dict[str, dict[str, str]] = {}
         for var, (section, name) in self.MAPPING.items():
             if values.get(var) and section in self.settings_cls.model_fields:

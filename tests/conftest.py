@@ -14,12 +14,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from infra.stack import Stack, StackConfig, refresh_ray_auth
+from infra.stack import Stack, StackConfig
+from pipeline.cluster import refresh_ray_auth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # ==================================================================================================
-# Local real stack (infra/stack.py, issue 3): S3 + MLflow + Ray head on test ports.
+# Local real stack (infra/stack/, docs/stack.md): S3 + MLflow + Ray head on test ports.
 #
 #   @pytest.mark.stack
 #   def test_x(stack, stack_env):   # stack.env / stack.config; stack_env: os.environ has the env
@@ -39,7 +40,7 @@ TEST_STACK_PORT_OFFSET = 100
 @dataclass(frozen=True)
 class RunningStack:
     config: StackConfig
-    env: dict[str, str]  # the env contract (infra.stack.ENV_KEYS)
+    env: dict[str, str]  # the env contract (docs/stack.md)
     stack: Stack
     started: tuple[str, ...]  # the services this session started
 

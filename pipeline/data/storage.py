@@ -123,7 +123,7 @@ def translate_error(e: Exception, url: str, storage: Any, *, what: str = "") -> 
     if isinstance(e, EndpointConnectionError):
         return StorageUnreachableError(
             f"cannot reach the S3 endpoint {endpoint}{doing} ({url}): {e}. Is the storage running "
-            f"(python -m infra.stack status) and is storage.endpoint_url / AWS_ENDPOINT_URL right?",
+            f"and is storage.endpoint_url / AWS_ENDPOINT_URL right?",
             url=url,
         )
     if isinstance(e, NoCredentialsError):

@@ -1,10 +1,14 @@
-"""The local stack (infra/stack.py) against the real services: SeaweedFS S3, MLflow, Ray. No mocks."""
+"""The local stack (infra/stack/) against the real services: SeaweedFS S3, MLflow, Ray. No mocks.
+
+What needs no running service (ports, state files, process handling, the CLI) is in tests/unit/infra/.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import ipaddress
+import json
 import os
 import shlex
 import shutil
@@ -26,9 +30,11 @@ import ray  # noqa: F401  (Ray vendors psutil and puts it on sys.path)
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from infra.stack import BUCKETS, REPO_ROOT, SERVICES, Stack, StackConfig, StackError, load_env
+from infra.stack import BUCKETS, SERVICES, Stack, StackConfig, load_env
 
 psutil = importlib.import_module("psutil")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.stack
 
@@ -205,13 +211,16 @@ def test_ray_dashboard_requires_the_token(stack):
     assert http_status(url, {"Authorization": f"Bearer {stack.env['RAY_AUTH_TOKEN']}"}) == 200
 
 
-def test_ray_job_runs_with_the_project_python(stack_env):
+def test_ray_job_runs_with_the_project_python_and_the_stacks_variables(stack_env):
+    """A job driver resolves its settings from the head's environment: nothing travels with the job."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(stack_env["RAY_ADDRESS"])
     code = (
         "import sys, ray; ray.init(); print('PREFIX=' + sys.prefix); "
-        "print('SUM=%d' % ray.get(ray.remote(lambda: 41 + 1).remote()))"
+        "print('SUM=%d' % ray.get(ray.remote(lambda: 41 + 1).remote())); "
+        "from pipeline.config import Settings; s = Settings.from_cli([]); "
+        "print('S3=' + s.storage.endpoint_url); print('MLFLOW=' + s.tracking.uri)"
     )
     job_id = client.submit_job(entrypoint=f"python -c {shlex.quote(code)}")
     deadline = time.monotonic() + 120
@@ -220,6 +229,37 @@ def test_ray_job_runs_with_the_project_python(stack_env):
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs
     assert f"PREFIX={sys.prefix}\n" in logs and "SUM=42" in logs, logs  # this project's environment
+    assert f"S3={stack_env['AWS_ENDPOINT_URL']}\n" in logs, logs
+    assert f"MLFLOW={stack_env['MLFLOW_TRACKING_URI']}\n" in logs, logs
+
+
+def test_the_dashboard_url_resolves_to_the_stacks_gcs(stack):
+    from pipeline.cluster import resolve_address
+
+    assert resolve_address(stack.env["RAY_ADDRESS"]) == f"127.0.0.1:{stack.config.ray_port}"
+
+
+def test_the_env_file_alone_configures_a_client(stack, tmp_path):
+    """DDPM_ENV_FILE instead of exported variables: storage, tracking and the Ray token come from the
+    stack's env.json, and a driver joins the stack's Ray through its dashboard URL."""
+    code = (
+        "import json, boto3, ray\n"
+        "from botocore.config import Config\n"
+        "from pipeline.cluster import connect\n"
+        "from pipeline.config import Settings\n"
+        "s = Settings.from_cli([])\n"
+        "s3 = boto3.client('s3', **s.storage.boto3_kwargs(), config=Config(s3={'addressing_style': 'path'}))\n"
+        "buckets = sorted(b['Name'] for b in s3.list_buckets()['Buckets'])\n"
+        "info = connect(s.cluster.address, log=lambda _: None)\n"
+        "answer = ray.get(ray.remote(lambda: 42).remote())\n"
+        "print(json.dumps({'buckets': buckets, 'tracking': s.tracking.uri, 'ray': info['address'], 'answer': answer}))\n"
+    )
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DDPM_ENV_FILE": str(stack.config.state_dir / "env.json")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(BUCKETS) <= set(out["buckets"]) and out["tracking"] == stack.env["MLFLOW_TRACKING_URI"]
+    assert out["ray"] == f"127.0.0.1:{stack.config.ray_port}" and out["answer"] == 42
 
 
 def _is_loopback(ip: str) -> bool:
@@ -242,28 +282,6 @@ def test_nothing_listens_beyond_loopback(stack):
     c = stack.config
     assert {c.s3_port, c.mlflow_port, c.ray_dashboard_port, c.ray_port} <= {port for *_, port in bound}
     assert [b for b in bound if not _is_loopback(b[2])] == []
-
-
-def test_any_s3_port_up_to_65535_is_accepted_and_bad_ports_are_named(tmp_path):
-    # The OS hands out ephemeral ports up to ~61000; the S3 port must not drag a derived port past 65535.
-    config = StackConfig.resolve(state_dir=tmp_path, environ={}, s3_port=65000)
-    ports = [p for group in config.service_ports().values() for p in group.values()]
-    assert config.s3_port == 65000 and max(ports) <= 65535 and len(set(ports)) == len(ports)
-    with pytest.raises(ValueError, match=r"out of range: \{'weed master.grpc': 70000"):
-        StackConfig.resolve(state_dir=tmp_path, environ={}, weed_port_base=60000)
-    with pytest.raises(ValueError, match="overlap"):
-        StackConfig.resolve(state_dir=tmp_path, environ={}, mlflow_port=8333)
-
-
-def test_a_port_taken_by_another_process_is_named(tmp_path):
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
-        config = StackConfig.resolve(state_dir=tmp_path / "state", port_offset=300, environ={}, s3_port=port)
-        with pytest.raises(StackError, match=rf"port {port} \(S3\)"):
-            Stack(config).up(services=["s3"], timeout=10)
-    assert Stack(config).pids() == {}
 
 
 # ---------------------------------------------------------------- a private stack: restart and down

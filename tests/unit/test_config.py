@@ -12,7 +12,7 @@ from pipeline.config import REPO_ROOT, ConfigError, Settings
 def _isolated(monkeypatch, tmp_path):
     for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("DDPM_STACK_DIR", str(tmp_path / "no-stack"))
+    monkeypatch.delenv("DDPM_ENV_FILE", raising=False)
 
 
 def test_defaults_resolve_to_the_digits_model():
@@ -31,10 +31,8 @@ def test_env_and_cli_override_cli_wins(monkeypatch):
     assert s.train.batch_size == 32 and s.unet_config().channel_mult == (1, 2, 2, 2)
 
 
-def test_service_variables_and_stack_file(monkeypatch, tmp_path):
-    stack = tmp_path / "stack"
-    stack.mkdir()
-    (stack / "env.json").write_text(
+def test_service_variables_and_env_file(monkeypatch, tmp_path):
+    (tmp_path / "env.json").write_text(
         json.dumps(
             {
                 "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
@@ -45,7 +43,7 @@ def test_service_variables_and_stack_file(monkeypatch, tmp_path):
             }
         )
     )
-    monkeypatch.setenv("DDPM_STACK_DIR", str(stack))
+    monkeypatch.setenv("DDPM_ENV_FILE", str(tmp_path / "env.json"))
     s = Settings.from_cli([])
     assert s.storage.endpoint_url == "http://127.0.0.1:1" and s.tracking.uri == "http://127.0.0.1:2"
     assert s.storage.secret_access_key.get_secret_value() == "s"
@@ -54,6 +52,9 @@ def test_service_variables_and_stack_file(monkeypatch, tmp_path):
     assert Settings.from_cli([]).tracking.uri == "http://127.0.0.1:9"
     monkeypatch.setenv("DDPM_TRACKING__URI", "http://127.0.0.1:10")
     assert Settings.from_cli([]).tracking.uri == "http://127.0.0.1:10"
+    monkeypatch.setenv("DDPM_ENV_FILE", str(tmp_path / "missing.json"))  # named, so it must exist
+    with pytest.raises(ConfigError, match="DDPM_ENV_FILE="):
+        Settings.from_cli([])
 
 
 @pytest.mark.parametrize(
