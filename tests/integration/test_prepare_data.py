@@ -1,5 +1,6 @@
-"""jobs/prepare_data.py: the digits default and image folders -> WebDataset shards + manifests on the
-real local S3 (and local directories); standard tar layout; refusal / --overwrite; CLI behaviour."""
+"""jobs/prepare_data.py against the real local stack's S3: the digits default and image folders ->
+WebDataset shards + manifests; standard tar layout; refusal / --overwrite; storage errors. The job's
+command line and local-directory output are tested in tests/unit/data/test_prepare.py."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ import collections
 import hashlib
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,117 +18,28 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import prepare_data
 from pipeline.config import DataConfig
 from pipeline.data import ShardReader, load_split_arrays, open_manifest, register_webdataset_s3
-from pipeline.data.sources import digits_source, split_items
+from pipeline.data.sources import digits_source
 from pipeline.data.storage import join_url, list_urls, read_bytes
+from tests.unit.data.datasets import run_prepare_data, save_image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-JOB = REPO_ROOT / "jobs" / "prepare_data.py"
-
-
-def run_job(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(JOB), *args], env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
 def digits_s3(s3):
     """The default job (digits) run through its real command line into S3."""
     out = join_url(s3.root, "digits")
-    p = run_job("--out", out, "--shard-samples", "200", "--no-progress", env=s3.env)
+    p = run_prepare_data("--out", out, "--shard-samples", "200", "--no-progress", env=s3.env)
     assert p.returncode == 0, p.stderr
     return SimpleNamespace(out=out, stdout=p.stdout, stderr=p.stderr)
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-
-
-def test_help_lists_the_flags():
-    p = run_job("--help")
-    assert p.returncode == 0
-    flags = "--source --folder --out --image-size --channels --shard-samples --shard-bytes --eval-fraction --seed"
-    for flag in [*flags.split(), "--overwrite", "--dry-run", "--storage.endpoint-url"]:
-        assert flag in p.stdout
-
-
-@pytest.mark.parametrize(
-    "args,needle",
-    [
-        (["--channels", "2"], "channels"),
-        (["--source", "folder"], "needs --folder"),
-        (["--source", "folder", "--folder", "/no/such/dir"], "not a directory"),
-        (["--eval-fraction", "1.5"], "eval_fraction"),
-        (["--no-such-flag"], "unrecognized"),
-    ],
-)
-def test_config_errors_exit_2(args, needle):
-    p = run_job(*args)
-    assert p.returncode == 2, p.stderr
-    assert needle in p.stderr
-
-
-def test_dry_run_prints_the_config_and_writes_nothing(tmp_path):
-    out = tmp_path / "ds"
-    p = run_job("--out", str(out), "--dry-run", env={"AWS_SECRET_ACCESS_KEY": "s3cr3t-value"})
-    assert p.returncode == 0, p.stderr
-    config = json.loads(p.stdout)
-    assert config["out"] == str(out) and config["dry_run"] is True
-    assert "s3cr3t-value" not in p.stdout + p.stderr
-    assert "train 1617, eval 180" in p.stderr
-    assert not out.exists()
-
-
-# ------------------------------------------------------------------------------------------------
-# sources and split (no storage)
-
-
-def test_digits_source_is_the_real_sklearn_digits():
-    from sklearn.datasets import load_digits
-
-    src = digits_source()
-    d = load_digits()
-    assert len(src.items) == 1797 and src.class_names == [str(i) for i in range(10)]
-    img = np.asarray(src.items[42].load())
-    assert img.shape == (8, 8) and img.dtype == np.uint8
-    assert np.array_equal(img, np.rint(d.images[42] * 255 / 16).astype(np.uint8))
-    assert src.items[42].label == d.target[42]
-
-
-def test_split_is_stratified_seeded_and_disjoint():
-    items = digits_source().items
-    train, evals = split_items(items, 0.1, seed=0)
-    assert len(evals) == 180 and len(train) == 1617
-    assert {i.key for i in train}.isdisjoint(i.key for i in evals)
-    per_class = collections.Counter(i.label for i in evals)
-    assert all(17 <= per_class[c] <= 19 for c in range(10))
-    again, _ = split_items(items, 0.1, seed=0)
-    other, _ = split_items(items, 0.1, seed=1)
-    assert [i.key for i in again] == [i.key for i in train] and [i.key for i in other] != [i.key for i in train]
-    train0, evals0 = split_items(items, 0.0, seed=0)
-    assert len(train0) == 1797 and evals0 == []
-
-
-def test_shards_are_cut_by_bytes_too(tmp_path):
-    code = prepare_data.main(
-        ["--out", str(tmp_path), "--shard-samples", "100000", "--shard-bytes", "200000", "--no-progress"]
-    )
-    assert code == 0
-    m = open_manifest(str(tmp_path), None, "train")
-    assert len(m.shards) > 5 and all(s.bytes <= 200_000 for s in m.shards)
-    assert [(tmp_path / "train" / s.name).stat().st_size for s in m.shards] == [s.bytes for s in m.shards]
-    assert sum(s.samples for s in m.shards) == m.num_samples == 1617
 
 
 # ------------------------------------------------------------------------------------------------
 # digits on S3
 
 
-@pytest.mark.stack
 def test_digits_job_writes_shards_and_manifests_to_s3(s3, digits_s3):
     train = open_manifest(digits_s3.out, s3.storage, "train")
     evals = open_manifest(digits_s3.out, s3.storage, "eval")
@@ -158,7 +67,6 @@ def test_digits_job_writes_shards_and_manifests_to_s3(s3, digits_s3):
             assert np.array_equal(arrays.images[i, :, :, 0], np.asarray(it.load()))
 
 
-@pytest.mark.stack
 def test_shards_have_the_standard_layout(s3, digits_s3, tmp_path):
     m = open_manifest(digits_s3.out, s3.storage, "eval")
     local = tmp_path / m.shards[0].name
@@ -191,20 +99,21 @@ def test_shards_have_the_standard_layout(s3, digits_s3, tmp_path):
     assert all(int(s["cls"]) == json.loads(s["json"])["label"] for s in samples[:50])
 
 
-@pytest.mark.stack
 def test_rerun_refuses_and_overwrite_replaces(s3):
     out = join_url(s3.root, "rerun")
-    p = run_job("--out", out, "--shard-samples", "100", "--no-progress", env=s3.env)
+    p = run_prepare_data("--out", out, "--shard-samples", "100", "--no-progress", env=s3.env)
     assert p.returncode == 0, p.stderr
     first = open_manifest(out, s3.storage, "train")
     assert len(first.shards) == 17
 
-    p = run_job("--out", out, "--shard-samples", "500", "--no-progress", env=s3.env)
+    p = run_prepare_data("--out", out, "--shard-samples", "500", "--no-progress", env=s3.env)
     assert p.returncode == 1
     assert "already holds a dataset" in p.stderr and "--overwrite" in p.stderr and out in p.stderr
     assert open_manifest(out, s3.storage, "train").shards == first.shards  # untouched
 
-    p = run_job("--out", out, "--shard-samples", "500", "--seed", "1", "--overwrite", "--no-progress", env=s3.env)
+    p = run_prepare_data(
+        "--out", out, "--shard-samples", "500", "--seed", "1", "--overwrite", "--no-progress", env=s3.env
+    )
     assert p.returncode == 0, p.stderr
     second = open_manifest(out, s3.storage, "train")
     assert [s.samples for s in second.shards] == [500, 500, 500, 117]
@@ -214,13 +123,12 @@ def test_rerun_refuses_and_overwrite_replaces(s3):
     assert sum(len(b) for b in reader.iterate(0)) == 1617
 
 
-@pytest.mark.stack
 def test_wrong_keys_and_missing_bucket_are_clear(s3):
-    p = run_job("--out", "s3://ddpm-data/x", env={**s3.env, "AWS_ACCESS_KEY_ID": "NOSUCHKEY"})
+    p = run_prepare_data("--out", "s3://ddpm-data/x", env={**s3.env, "AWS_ACCESS_KEY_ID": "NOSUCHKEY"})
     assert p.returncode == 1
     assert "refused the access keys" in p.stderr and s3.env["AWS_ENDPOINT_URL"] in p.stderr
     bucket = f"no-bucket-{uuid.uuid4().hex[:8]}"
-    p = run_job("--out", f"s3://{bucket}/x", env=s3.env)
+    p = run_prepare_data("--out", f"s3://{bucket}/x", env=s3.env)
     assert p.returncode == 1 and bucket in p.stderr and "does not exist" in p.stderr
 
 
@@ -228,26 +136,20 @@ def test_wrong_keys_and_missing_bucket_are_clear(s3):
 # image folders
 
 
-def _save(path: Path, img: Image.Image, fmt: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format=fmt)
-
-
-@pytest.mark.stack
 def test_image_folder_with_classes_round_trip(s3, tmp_path):
     root = tmp_path / "pics"
-    _save(root / "cats" / "red.png", Image.new("RGB", (20, 30), (255, 0, 0)), "PNG")
-    _save(root / "cats" / "wide.jpg", Image.new("RGB", (50, 40), (0, 0, 255)), "JPEG")
+    save_image(root / "cats" / "red.png", Image.new("RGB", (20, 30), (255, 0, 0)), "PNG")
+    save_image(root / "cats" / "wide.jpg", Image.new("RGB", (50, 40), (0, 0, 255)), "JPEG")
     rgba = Image.new("RGBA", (16, 16), (0, 255, 0, 255))
-    _save(root / "cats" / "alpha.png", rgba, "PNG")
-    _save(root / "dogs" / "gray.jpg", Image.new("L", (64, 64), 128), "JPEG")
-    _save(root / "dogs" / "tiny.png", Image.new("P", (10, 10)), "PNG")
-    _save(root / "dogs" / "deeper" / "nested.png", Image.new("RGB", (40, 20), (255, 255, 255)), "PNG")
+    save_image(root / "cats" / "alpha.png", rgba, "PNG")
+    save_image(root / "dogs" / "gray.jpg", Image.new("L", (64, 64), 128), "JPEG")
+    save_image(root / "dogs" / "tiny.png", Image.new("P", (10, 10)), "PNG")
+    save_image(root / "dogs" / "deeper" / "nested.png", Image.new("RGB", (40, 20), (255, 255, 255)), "PNG")
     (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (root / "dogs" / "notes.txt").write_text("not an image")
     out = join_url(s3.root, "folder")
     args = f"--source folder --folder {root} --out {out} --image-size 16 --channels 3 --eval-fraction 0"
-    p = run_job(*args.split(), "--no-progress", env=s3.env)
+    p = run_prepare_data(*args.split(), "--no-progress", env=s3.env)
     assert p.returncode == 0, p.stderr
     assert "broken.jpg" in p.stderr and "1 unreadable file(s) skipped" in p.stderr
     m = open_manifest(out, s3.storage, "train")
@@ -270,24 +172,3 @@ def test_image_folder_with_classes_round_trip(s3, tmp_path):
     assert np.abs(by_path["dogs/gray.jpg"].astype(int) - 128).max() <= 2
     assert (by_path["dogs/deeper/nested.png"] == 255).all()
     assert {m["original_size"][0] for m in metas.values()} >= {20, 50, 64, 10, 40}
-
-
-def test_flat_image_folder_is_one_class(tmp_path):
-    root = tmp_path / "flat_pics"
-    for i, size in enumerate([(12, 12), (30, 18), (9, 40)]):
-        _save(root / f"im{i}.png", Image.new("RGB", size, (10 * i, 20, 30)), "PNG")
-    out = tmp_path / "out"
-    args = f"--source folder --folder {root} --out {out} --image-size 8 --eval-fraction 0 --no-progress"
-    code = prepare_data.main(args.split())
-    assert code == 0
-    m = open_manifest(str(out), None, "train")
-    assert m.class_names == ["flat_pics"] and m.num_samples == 3 and m.channels == 1
-    arrays = load_split_arrays(str(out), None, "train")
-    assert arrays.images.shape == (3, 8, 8, 1) and set(arrays.labels.tolist()) == {0}
-
-
-def test_folder_with_no_images_is_a_config_error(tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "readme.txt").write_text("x")
-    p = run_job("--source", "folder", "--folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
-    assert p.returncode == 2 and "no images found" in p.stderr

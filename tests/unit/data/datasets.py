@@ -1,0 +1,103 @@
+"""Small test datasets of real digits, written with the pipeline's own writer (local or S3), and
+helpers that read them back. Shared by tests/unit/data and tests/integration/test_data.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data import Manifest, ShardReader
+from pipeline.data.sources import digits_source, encode_png, prepare_image
+from pipeline.data.storage import join_url
+from pipeline.data.writer import SplitWriter
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+UNEVEN = [400, 37, 300, 120, 250, 10, 350, 150]  # 1617 samples in deliberately uneven shards
+
+_DIGITS: list[tuple[str, int, bytes]] = []
+
+
+def digits_samples() -> list[tuple[str, int, bytes]]:
+    """(key, label, png) of all 1,797 digits, in source order (cached)."""
+    if not _DIGITS:
+        for it in digits_source().items:
+            _DIGITS.append((it.key, it.label, encode_png(prepare_image(it.load(), 8, 1))))
+    return _DIGITS
+
+
+def write_dataset(
+    root: str, storage, shard_sizes: list[int], split: str = "train", seed: int = 0
+) -> tuple[Manifest, dict[str, tuple[int, bytes]]]:
+    """Digits in shards of exactly the given sizes (shuffled with seed); returns (manifest, key -> (label, png))."""
+    samples = digits_samples()[:]
+    random.Random(seed).shuffle(samples)
+    samples = samples[: sum(shard_sizes)]
+    w = SplitWriter(
+        join_url(root, split),
+        storage,
+        split=split,
+        image_size=8,
+        channels=1,
+        class_names=[str(i) for i in range(10)],
+        source={"kind": "test"},
+        shard_samples=10**9,
+        shard_bytes=1 << 40,
+    )
+    k = 0
+    for n in shard_sizes:
+        for key, label, png in samples[k : k + n]:
+            w.add(key, png, label, {"index": key})
+        w.cut()
+        k += n
+    truth = {key: (label, png) for key, label, png in samples}
+    return w.finish(), truth
+
+
+def expected_image(png: bytes) -> torch.Tensor:
+    arr = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
+    return torch.from_numpy(arr / 127.5 - 1.0)[None]
+
+
+def read_epoch(data: DataConfig, storage, *, world_size: int, batch_size: int, epoch: int, seed: int = 0):
+    """Every rank's (reader, batches) of one epoch (ranks simulated by separate readers)."""
+    out = []
+    for rank in range(world_size):
+        r = ShardReader(data, storage, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed)
+        out.append((r, list(r.iterate(epoch))))
+    return out
+
+
+def same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x.index == y.index
+        and x.keys == y.keys
+        and torch.equal(x.labels, y.labels)
+        and torch.equal(x.images, y.images)
+        and x.skipped == y.skipped
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def run_prepare_data(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    """``python jobs/prepare_data.py ARGS`` as a user runs it; the CompletedProcess (text output)."""
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "jobs" / "prepare_data.py"), *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def save_image(path: Path, img: Image.Image, fmt: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
