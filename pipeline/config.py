@@ -152,20 +152,20 @@ class TrainConfig(Section):
 
 
 class SampleConfig(Section):
-    """Reverse-process sampling (Algorithm 2 or DDIM)."""
+    """Reverse-process sampling (Algorithm 2 or DDIM); default ancestral in training grids, ddim in jobs/sample.py."""
 
     method: Literal["ancestral", "ddim"] = Field("ancestral", description="ancestral (Algorithm 2, T steps) or ddim")
-    steps: int = Field(50, ge=1, description="DDIM: number of respaced steps")
+    steps: int = Field(50, ge=1, description="DDIM: number of respaced steps, at most T (ancestral takes all T)")
     eta: float = Field(0.0, ge=0, description="DDIM: 0 deterministic, 1 ancestral-like")
     variance: Literal["fixed_small", "fixed_large"] = Field(
-        "fixed_small", description="sigma_t^2: beta-tilde_t (small) or beta_t (large)"
+        "fixed_small", description="ancestral: sigma_t^2 = beta-tilde_t (fixed_small) or beta_t (fixed_large)"
     )
     clip: bool = Field(True, description="clip the predicted x0 to [-1, 1] and use the posterior mean")
-    batch_size: int = Field(256, ge=1, description="images per model call")
 
     def options(self, objective: str) -> SamplerOptions:
         """The sampler's own (torch-only) options, for a model trained with ``objective``."""
-        return SamplerOptions(self.method, self.steps, self.eta, self.variance, self.clip, objective)
+        steps = self.steps if self.method == "ddim" else None
+        return SamplerOptions(self.method, steps, self.eta, self.variance, self.clip, objective)
 
 
 class StorageConfig(Section):
