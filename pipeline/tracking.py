@@ -1,16 +1,20 @@
-"""MLflow tracking that never stalls or stops training.
+"""The one door to MLflow: every run the pipeline creates, reads or writes goes through here.
 
-Only rank 0 of a training run makes a ``Tracker``. Metrics are queued and sent in batches by a
-background thread (a synchronous ``log_metric`` costs ~200 ms on the local stack); artifacts go
-through the same thread. If the server is unreachable, training goes on, says so once, and the
-queue is retried until it is flushed or the run ends.
+Training (``Tracker``): only rank 0 of a training run makes one. Metrics are queued and sent in
+batches by a background thread (a synchronous ``log_metric`` costs ~200 ms on the local stack);
+artifacts go through the same thread. If the server is unreachable, training goes on, says so
+once, and the queue is retried until it is flushed or the run ends. Metric steps are images seen.
+After a restart the tracker learns the last step the run already holds and drops anything at or
+below it, so a resumed run never logs a step twice or backwards.
 
-Metric steps are images seen. After a restart the tracker learns the last step the run already
-holds and drops anything at or below it, so a resumed run never logs a step twice or backwards.
+Evaluation (``TrackedRun``): the sampling job reads an existing run (params, ``config.json``, the
+sampling checkpoints under ``checkpoints/``) and writes its results into it under ``eval/``,
+synchronously: there a failure must stop the job with a message naming the run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import shutil
@@ -24,6 +28,13 @@ log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "ddpm.run_name"
 STEP_METRIC = "train/images_seen"
+CHECKPOINT_DIR = "checkpoints"  # sampling checkpoints: checkpoints/images_<N>.pt
+CONFIG_ARTIFACT = "config.json"  # the resolved settings of a training run
+EVAL_DIR = "eval"  # evaluations: artifacts eval/<name>/..., metrics eval/<sampler tag>/<figure>
+
+
+class TrackingError(RuntimeError):
+    """An MLflow run or one of its artifacts cannot be read or written; the message names the run and what."""
 
 
 def _client(uri: str):
@@ -87,6 +98,17 @@ class Tracker:
         dst.parent.mkdir(parents=True)
         dst.write_bytes(data)
         self._q.put(("artifact", (dst, artifact_path)))
+
+    def log_settings(self, settings: Any, extra_params: dict[str, Any] | None = None) -> None:
+        """A job's resolved settings (``JobSettings``): flattened as params, and whole as config.json."""
+        self.log_params(settings.flat_params() | (extra_params or {}))
+        self.log_bytes(settings.dump().encode(), CONFIG_ARTIFACT)
+
+    def log_checkpoint(self, images_seen: int, export: bytes) -> None:
+        """A sampling checkpoint (``pipeline.checkpoint.sampling_export``), where the sampling job looks."""
+        from pipeline.checkpoint import checkpoint_name
+
+        self.log_bytes(export, f"{checkpoint_name(images_seen)}.pt", CHECKPOINT_DIR)
 
     def close(self, status: str | None = None, timeout: float = 120.0) -> None:
         """Flush everything (bounded by ``timeout``), then end the thread."""
@@ -160,3 +182,69 @@ class Tracker:
             keep = [("metrics", metrics)] if metrics else []
             keep += [("params", params)] if params else []
             self._pending = keep + rest
+
+
+class TrackedRun:
+    """An existing MLflow run, read and written synchronously: the sampling job's side of a run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.client = _client(uri)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._run = self.client.get_run(run_id)
+        except MlflowException as e:
+            if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(e).lower():
+                raise TrackingError(f"MLflow run {run_id!r} not found at {uri}") from None
+            raise TrackingError(f"cannot read MLflow run {run_id!r} at {uri}: {e}") from None
+        except Exception as e:  # connection refused, DNS, ...
+            raise TrackingError(f"cannot reach the MLflow tracking server {uri} to read run {run_id!r}: {e}") from None
+
+    @property
+    def params(self) -> dict[str, str]:
+        return dict(self._run.data.params)
+
+    def checkpoints(self) -> dict[int, str]:
+        """images_seen -> artifact path of every sampling checkpoint of the run."""
+        from pipeline.checkpoint import images_of
+
+        out = {}
+        for f in self.client.list_artifacts(self.run_id, CHECKPOINT_DIR):
+            n = images_of(f.path)
+            if not f.is_dir and f.path.endswith(".pt") and n is not None:
+                out[n] = f.path
+        return out
+
+    def download(self, artifact: str, dst: str | Path) -> Path:
+        """The artifact's local path, under ``dst``."""
+        try:
+            return Path(self.client.download_artifacts(self.run_id, artifact, str(dst)))
+        except Exception as e:
+            raise TrackingError(f"cannot download artifact {artifact!r} of MLflow run {self.run_id!r}: {e}") from None
+
+    def settings(self, dst: str | Path) -> dict[str, Any] | None:
+        """The run's config.json (its resolved settings), or None if it has none."""
+        try:
+            return json.loads(self.download(CONFIG_ARTIFACT, dst).read_text())
+        except (TrackingError, ValueError):
+            return None
+
+    def log_evaluation(self, name: str, local_dir: str | Path, metrics: dict[str, float], step: int) -> str:
+        """The files of ``local_dir`` as artifacts ``eval/<name>/...`` and ``metrics`` (full keys) at
+        ``step``; returns the artifact folder."""
+        from mlflow.entities import Metric
+
+        folder = f"{EVAL_DIR}/{name}"
+        ts = int(time.time() * 1000)
+        try:
+            self.client.log_artifacts(self.run_id, str(local_dir), folder)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        except Exception as e:
+            raise TrackingError(f"could not log the results to MLflow run {self.run_id!r}: {e}") from None
+        return folder
+
+
+def eval_metric_key(sampler_tag: str, figure: str) -> str:
+    """MLflow key of an evaluation figure: one curve per sampler over the run's checkpoints."""
+    return f"{EVAL_DIR}/{sampler_tag}/{figure}"
