@@ -1,7 +1,6 @@
-"""Performance helpers for benchmarks/bench.py and tests/test_perf.py: timing, FLOP counting, device peaks,
-and a seed-000-style sampling loop used as the baseline of issue 2's measurement.
+"""Measurement primitives of the benchmarks: device names and bf16 peaks, interleaved timing, FLOP counting.
 
-torch (and numpy) only: this module must import on a bare GPU box without Ray, MLflow or pydantic.
+torch only: this module must import on a bare GPU box without Ray, MLflow or pydantic.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-from pipeline.ddpm.schedule import NoiseSchedule
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, matched in order
 # against torch.cuda.get_device_name(): the first substring that occurs wins.
@@ -165,114 +162,3 @@ def perturb_(model: nn.Module, scale: float = 0.02, seed: int = 0) -> nn.Module:
     for p in model.parameters():
         p.add_(scale * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
     return model
-
-
-# -- the seed-000-style sampling loop (issue 2's baseline) ---------------------------------------------------
-
-
-def seed_tables(schedule: NoiseSchedule) -> dict[str, torch.Tensor]:
-    """The per-timestep tables of seed 000 as float32 CPU tensors, indexed by the paper's 1-based t.
-
-    Entry 0 is padding (alpha-bar_0 = 1), so ``table[t]`` is the paper's value at step t = 1..T.
-    """
-    pad1 = lambda v: torch.cat([torch.ones(1, dtype=torch.float64), v]).float()
-    pad0 = lambda v: torch.cat([torch.zeros(1, dtype=torch.float64), v]).float()
-    betas, alphas, ab = schedule.betas, schedule.alphas, schedule.alphas_cumprod
-    ab_prev = schedule.alphas_cumprod_prev
-    return {
-        "betas_t": pad0(betas),
-        "sqrt_1_minus_alphas_bar_t": pad0((1 - ab).sqrt()),
-        "one_over_sqrt_alphas_t": pad1(1 / alphas.sqrt()),
-        "sqrt_alphas_bar_t": pad1(ab.sqrt()),
-        "sqrt_alphas_bar_t_minus_1": pad1(ab_prev.sqrt()),
-        "alphas_bar_t": pad1(ab),
-        "sqrt_alphas_t": pad1(alphas.sqrt()),
-        "alphas_bar_t_minus_1": pad1(ab_prev),
-        "posterior_variance": pad0(schedule.posterior_variance),
-    }
-
-
-def sample_by_t(tensor_to_sample: torch.Tensor, timesteps: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
-    """Seed 000's gather: one coefficient per image, reshaped to broadcast, moved to the batch's device."""
-    batch_size = timesteps.shape[0]
-    sampled_tensor = tensor_to_sample.gather(-1, timesteps.cpu())
-    sampled_tensor = torch.reshape(sampled_tensor, (batch_size,) + (1,) * (len(x_shape) - 1))
-    return sampled_tensor.to(timesteps.device)
-
-
-@torch.no_grad()
-def seed_sample_p(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    tables: dict[str, torch.Tensor],
-    clipping: bool = True,
-    noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
-) -> torch.Tensor:
-    """Seed 000's ``sample_p``: x_{t-1} from x_t, ``t`` 1-based (the paper's), with the maths corrected.
-
-    As in the seed: every coefficient is gathered per step with ``sample_by_t``, the square root of
-    the posterior variance is taken per step, and with ``clipping`` the model is evaluated twice (once
-    for the x_0 reconstruction, once in the eps-form mean the seed computes on every step). The seed
-    then returns that eps-form mean, discarding the clipped one; here the clipped mean is returned
-    (the correct maths), so both modes give the same images as ``pipeline.ddpm.sampler.sample``.
-    The model takes 0-based timestep indices (schedule.py), hence ``t - 1``.
-    """
-    betas_t_sampled = sample_by_t(tables["betas_t"], t, x_t.shape)
-    sqrt_1_minus_alphas_bar_t_sampled = sample_by_t(tables["sqrt_1_minus_alphas_bar_t"], t, x_t.shape)
-    one_over_sqrt_alphas_t_sampled = sample_by_t(tables["one_over_sqrt_alphas_t"], t, x_t.shape)
-
-    clipped_mean = None
-    if clipping:
-        sqrt_alphas_bar_t_sampled = sample_by_t(tables["sqrt_alphas_bar_t"], t, x_t.shape)
-        sqrt_alphas_bar_t_minus_1_sampled = sample_by_t(tables["sqrt_alphas_bar_t_minus_1"], t, x_t.shape)
-        alphas_bar_t_sampled = sample_by_t(tables["alphas_bar_t"], t, x_t.shape)
-        sqrt_alphas_t_sampled = sample_by_t(tables["sqrt_alphas_t"], t, x_t.shape)
-        alphas_bar_t_minus_1_sampled = sample_by_t(tables["alphas_bar_t_minus_1"], t, x_t.shape)
-
-        x0_reconstruct = (
-            1 / sqrt_alphas_bar_t_sampled * (x_t - sqrt_1_minus_alphas_bar_t_sampled * model(x_t, t - 1))
-        )  # model evaluation 1
-        x0_reconstruct = torch.clip(x0_reconstruct, -1.0, 1.0)
-        clipped_mean = (sqrt_alphas_bar_t_minus_1_sampled * betas_t_sampled) / (
-            1 - alphas_bar_t_sampled
-        ) * x0_reconstruct + (sqrt_alphas_t_sampled * (1 - alphas_bar_t_minus_1_sampled)) / (
-            1 - alphas_bar_t_sampled
-        ) * x_t
-
-    # Model evaluation 2 with clipping (the only one without): the seed computes this mean every step.
-    predicted_mean = one_over_sqrt_alphas_t_sampled * (
-        x_t - betas_t_sampled / sqrt_1_minus_alphas_bar_t_sampled * model(x_t, t - 1)
-    )
-    if clipped_mean is not None:
-        predicted_mean = clipped_mean
-
-    if t[0].item() == 1:
-        return predicted_mean
-    posterior_variance_sampled = sample_by_t(tables["posterior_variance"], t, x_t.shape)
-    noise = noise_fn(x_t)
-    return predicted_mean + torch.sqrt(posterior_variance_sampled) * noise
-
-
-@torch.no_grad()
-def seed_sampling(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    schedule: NoiseSchedule,
-    x_T: torch.Tensor,
-    *,
-    clipping: bool = True,
-    noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
-    tables: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Seed 000's ``sampling`` loop (Algorithm 2, fixed-small variance) from the given x_T.
-
-    The seed draws x_T with ``torch.randn`` and each z with ``torch.randn_like``; ``noise_fn``
-    replaces the latter (tests feed it the per-seed streams to compare with ``sample``).
-    """
-    tables = tables if tables is not None else seed_tables(schedule)
-    batch = x_T.shape[0]
-    images = x_T
-    for timestep in range(schedule.num_timesteps, 0, -1):
-        t = torch.full((batch,), timestep, device=x_T.device, dtype=torch.long)
-        images = seed_sample_p(model, images, t, tables, clipping=clipping, noise_fn=noise_fn)
-    return images.clamp(-1.0, 1.0)
