@@ -10,9 +10,8 @@ Measures, on the same checkpoint:
      ``--repeats`` times; images/s from the pool's sampling time (actors already loaded);
   2. DDIM-50 vs 1000-step ancestral (2 actors): images/s ratio and the quality metric of each.
 
-Needs the local stack (``python -m infra.stack up``) or the same environment variables. Also holds
-the helpers the tests use to make a real training run: ``prepare_digits``, ``train_state``,
-``log_training_run``.
+Needs the stack's variables (``eval "$(python -m infra.stack env)"``) or your services' own. The model is
+trained in this process and logged as the training job logs a run (``pipeline.sample.local_run``).
 """
 
 from __future__ import annotations
@@ -26,163 +25,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from pydantic import Field
 
-from pydantic import Field  # noqa: E402
-
-from pipeline.config import ConfigError, JobSettings, StorageConfig, TrackingConfig  # noqa: E402
-
-# ------------------------------------------------------------------------------------------------
-# Making a training run for evaluation (also used by tests/test_sample_job.py)
-
-
-def load_job(name: str):
-    """The module of ``jobs/<name>.py``."""
-    import importlib
-
-    return importlib.import_module(f"jobs.{name}")
-
-
-def prepare_digits(url: str, *, eval_fraction: float = 0.2) -> None:
-    """The digits dataset at ``url`` through the data layer's job (prepare_data), unless already there."""
-    from pipeline.data import ManifestError, open_manifest
-
-    try:
-        open_manifest(url, _storage(), "eval")
-        open_manifest(url, _storage(), "train")
-        return
-    except ManifestError:
-        pass
-    mod = load_job("prepare_data")
-    argv = ["--out", url, "--eval-fraction", str(eval_fraction), "--no-progress", "--overwrite"]
-    rc = mod.main(argv)
-    if rc != 0:
-        raise RuntimeError(f"prepare_data {' '.join(argv)} failed with exit code {rc}")
-
-
-class _StorageSettings(JobSettings):
-    storage: StorageConfig = StorageConfig()
-
-
-def _storage() -> StorageConfig:
-    """The storage settings from the environment / the local stack, as the jobs resolve them."""
-    return _StorageSettings.from_cli([]).storage
-
-
-def train_state(
-    data_url: str,
-    *,
-    preset: str = "tiny",
-    schedule: dict | None = None,
-    steps: int | None = None,
-    seconds: float | None = None,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    ema_decay: float = 0.995,
-    seed: int = 0,
-    threads: int = 2,
-    log=print,
-):
-    """A ``TrainState`` trained on the train split at ``data_url`` for ``steps`` steps or ``seconds``."""
-    import numpy as np
-    import torch
-
-    from pipeline.data import load_split_arrays
-    from pipeline.ddpm.schedule import NoiseSchedule
-    from pipeline.ddpm.unet import preset as unet_preset
-    from pipeline.train.state import OptimConfig, TrainState
-
-    split = load_split_arrays(data_url, _storage(), "train")
-    x = torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    sched = NoiseSchedule.from_dict(schedule) if schedule else NoiseSchedule()
-    torch.set_num_threads(threads)
-    state = TrainState(
-        unet_preset(preset, image_size=x.shape[-1], in_channels=x.shape[1]),
-        sched,
-        OptimConfig(lr=lr, warmup_images=min(5000, batch_size * 50), ema_decay=ema_decay),
-        seed=seed,
-    )
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    losses = []
-    while True:
-        if steps is not None and state.step_count >= steps:
-            break
-        if seconds is not None and time.perf_counter() - t0 >= seconds:
-            break
-        idx = torch.from_numpy(rng.choice(len(x), batch_size, replace=False))
-        r = state.train_step([x[idx]])
-        state.images_seen += r.images
-        losses.append(r.loss_sum / r.images)
-        if state.step_count % 500 == 0:
-            log(f"train: step {state.step_count}, loss {np.mean(losses[-500:]):.4f}, {time.perf_counter() - t0:.0f} s")
-    log(f"train: {state.step_count} steps, {state.images_seen} images, {time.perf_counter() - t0:.0f} s")
-    return state
-
-
-def log_training_run(
-    tracking_uri: str,
-    state,
-    *,
-    data_url: str,
-    preset: str,
-    experiment: str = "ddpm",
-    run_name: str | None = None,
-    checkpoint: bool = True,
-) -> str:
-    """An MLflow run as the training job makes it: tag, flattened params, config.json, a checkpoint."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.checkpoint import checkpoint_name, sampling_export
-    from pipeline.config import Settings
-    from pipeline.tracking import RUN_NAME_TAG
-
-    run_name = run_name or time.strftime("bench-sample-%Y%m%d-%H%M%S")
-    sd = state.schedule.to_dict()
-    settings = Settings.model_validate(
-        {
-            "data": {
-                "url": data_url,
-                "image_size": state.unet_config.image_size,
-                "channels": state.unet_config.in_channels,
-            },
-            "model": {"preset": preset},
-            "diffusion": {
-                "schedule": sd["kind"],
-                "num_timesteps": sd["num_timesteps"],
-                "beta_start": sd["beta_start"],
-                "beta_end": sd["beta_end"],
-                "cosine_s": sd["cosine_s"],
-            },
-            "train": {"run_name": run_name, "total_images": max(state.images_seen, 1)},
-            "tracking": {"uri": tracking_uri, "experiment": experiment},
-        }
-    )
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
-    run_id = run.info.run_id
-    from mlflow.entities import Param
-
-    params = [Param(k, v[:6000]) for k, v in settings.flat_params().items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i : i + 100])
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(settings.dump())
-        client.log_artifact(run_id, str(Path(d) / "config.json"))
-        if checkpoint:
-            p = Path(d) / f"{checkpoint_name(state.images_seen)}.pt"
-            p.write_bytes(sampling_export(state.state_dict()))
-            client.log_artifact(run_id, str(p), "checkpoints")
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
-
-
-# ------------------------------------------------------------------------------------------------
-# The benchmark
+from pipeline.cli import JobError, run_job
+from pipeline.config import ConfigError, JobSettings, StorageConfig, TrackingConfig
+from pipeline.sample import local_run
+from pipeline.sample.evaluate import SampleSettings, evaluate
+from pipeline.tracking import TrackedRun
 
 
 class BenchSettings(JobSettings):
@@ -205,37 +54,48 @@ class BenchSettings(JobSettings):
     tracking: TrackingConfig = TrackingConfig()
 
 
-def _sample(run_id: str, *args: str) -> dict[str, Any]:
-    mod = load_job("sample")
-    s = mod.SampleSettings.from_cli(["--run-id", run_id, "--no-progress", *args])
-    return mod.run(s)
+def _sample(b: BenchSettings, run_id: str, *args: str) -> dict[str, Any]:
+    s = SampleSettings.from_cli(["--run-id", run_id, "--no-progress", *args])
+    return evaluate(s.model_copy(update={"storage": b.storage, "tracking": b.tracking}))
 
 
 def _same_npz(uri: str, run_id: str, *paths: str) -> bool:
     import numpy as np
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    run = TrackedRun(uri, run_id)
     arrays = []
     with tempfile.TemporaryDirectory() as d:
         for i, p in enumerate(paths):
-            with np.load(client.download_artifacts(run_id, p, f"{d}/{i}")) as z:
+            with np.load(run.download(p, f"{d}/{i}")) as z:
                 arrays.append((z["images"], z["seeds"]))
     return all(np.array_equal(a[0], arrays[0][0]) and np.array_equal(a[1], arrays[0][1]) for a in arrays[1:])
 
 
-def main(argv: list[str] | None = None) -> int:
+def digits_dataset(url: str, storage: StorageConfig) -> None:
+    """The digits at ``url`` (20% held out for the quality metric), written by prepare_data unless there."""
+    from jobs import prepare_data
+    from pipeline.data import ManifestError, open_manifest
+
     try:
-        b = BenchSettings.from_cli(argv, prog="bench_sample.py")
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    if b.dry_run:
-        print(b.dump())
-        return 0
+        open_manifest(url, storage, "eval")
+        open_manifest(url, storage, "train")
+        return
+    except ManifestError:
+        pass
+    argv = ["--out", url, "--eval-fraction", "0.2", "--no-progress", "--overwrite"]
+    if prepare_data.main(argv) != 0:
+        raise JobError(f"prepare_data {' '.join(argv)} failed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(BenchSettings, bench, argv, prog="bench_sample.py", echo=False)
+
+
+def bench(b: BenchSettings) -> None:
     if not b.tracking.uri:
-        print("error: tracking.uri: no MLflow server (start the stack or set MLFLOW_TRACKING_URI)", file=sys.stderr)
-        return 2
+        raise ConfigError(
+            "invalid configuration:\n  tracking.uri: no MLflow server (start the stack or set MLFLOW_TRACKING_URI)"
+        )
     import platform
 
     import torch
@@ -246,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     run_id = b.run_id
     if run_id is None:
-        prepare_digits(b.data_url)
-        state = train_state(
-            b.data_url, preset=b.preset, seconds=b.train_seconds, batch_size=128, lr=1e-3, ema_decay=0.999
+        digits_dataset(b.data_url, b.storage)
+        state = local_run.train_locally(
+            b.data_url, b.storage, preset=b.preset, seconds=b.train_seconds, batch_size=128, lr=1e-3, ema_decay=0.999
         )
-        run_id = log_training_run(b.tracking.uri, state, data_url=b.data_url, preset=b.preset)
+        run_id = local_run.log_as_training_run(
+            state, tracking_uri=b.tracking.uri, data_url=b.data_url, preset=b.preset, experiment=b.tracking.experiment
+        )
         report["trained"] = {
             "preset": b.preset,
             "seconds": b.train_seconds,
@@ -270,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if b.out:
         Path(b.out).write_text(text + "\n")
-    return 0
 
 
 def _scaling(b: BenchSettings, run_id: str, stamp: str, report: dict[str, Any]) -> None:
@@ -280,9 +141,9 @@ def _scaling(b: BenchSettings, run_id: str, stamp: str, report: dict[str, Any]) 
         str(b.scaling_images),
         "--batch-size",
         str(b.scaling_batch),
-        "--method",
+        "--sample.method",
         "ddim",
-        "--steps",
+        "--sample.steps",
         "50",
         "--no-quality",
         "--cluster.threads-per-worker",
@@ -295,7 +156,7 @@ def _scaling(b: BenchSettings, run_id: str, stamp: str, report: dict[str, Any]) 
     names: dict[int, str] = {}
     for r in range(b.repeats):
         for w in (1, 2) if r % 2 == 0 else (2, 1):
-            out = _sample(run_id, *common, "--workers", str(w), "--name", f"bench-scaling-w{w}-r{r}-{stamp}")
+            out = _sample(b, run_id, *common, "--workers", str(w), "--name", f"bench-scaling-w{w}-r{r}-{stamp}")
             cost = out["cost"]
             rates[w].append(cost["images_per_s"])
             per_cpu[w].append(cost["images"] / cost["actor_cpu_s"])
@@ -311,7 +172,7 @@ def _scaling(b: BenchSettings, run_id: str, stamp: str, report: dict[str, Any]) 
     speedups = [two / one for one, two in zip(rates[1], rates[2], strict=True)]
     # The same seeds through 1 actor and 2, and with another batch size: the same bytes?
     other = _sample(
-        run_id, *common[:2], "--batch-size", "96", *common[4:], "--workers", "2", "--name", f"bench-batch96-{stamp}"
+        b, run_id, *common[:2], "--batch-size", "96", *common[4:], "--workers", "2", "--name", f"bench-batch96-{stamp}"
     )
     identical = _same_npz(b.tracking.uri, run_id, names[1], names[2], other["artifacts"]["samples.npz"])
     report["scaling"] = {
@@ -340,14 +201,14 @@ def _quality(b: BenchSettings, run_id: str, stamp: str, report: dict[str, Any]) 
             str(b.quality_images),
             "--batch-size",
             str(b.quality_batch),
-            "--method",
+            "--sample.method",
             method,
-            "--steps",
+            "--sample.steps",
             "50",
             "--workers",
             "2",
         ]
-        out = _sample(run_id, *args, "--name", f"bench-{method}-{stamp}")
+        out = _sample(b, run_id, *args, "--name", f"bench-{method}-{stamp}")
         tag = next(iter(out["metrics"])).split("/")[1]  # every key is eval/<tag>/<metric>
         m = {k.split("/", 2)[2]: v for k, v in out["metrics"].items()}
         cost = out["cost"]

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.ddpm.sampler import SamplerOptions
+
 
 class PoolError(RuntimeError):
     """The pool cannot finish: no actor could start, too many died, or sampling itself failed."""
@@ -34,7 +36,9 @@ class PoolError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Batch:
+class SeedBatch:
+    """Consecutive seeds handed to one actor in one task; ``start`` places their images in the output."""
+
     index: int
     start: int  # row of its first image in the output
     seeds: tuple[int, ...]
@@ -43,12 +47,12 @@ class Batch:
         return len(self.seeds)
 
 
-def make_batches(first_seed: int, num_images: int, batch_size: int) -> list[Batch]:
+def make_batches(first_seed: int, num_images: int, batch_size: int) -> list[SeedBatch]:
     """Seeds first_seed .. first_seed + num_images - 1, in order, cut into batches."""
     out = []
     for i, start in enumerate(range(0, num_images, batch_size)):
         n = min(batch_size, num_images - start)
-        out.append(Batch(i, start, tuple(range(first_seed + start, first_seed + start + n))))
+        out.append(SeedBatch(i, start, tuple(range(first_seed + start, first_seed + start + n))))
     return out
 
 
@@ -90,12 +94,11 @@ class SamplerWorker:
     """One sampling actor: loads the weights once, then samples the batches it is given."""
 
     def __init__(
-        self, export: bytes, *, ema: bool, options: dict[str, Any], threads: int, use_gpu: bool, chunk: int
+        self, export: bytes, *, ema: bool, options: SamplerOptions, threads: int, use_gpu: bool, chunk: int
     ) -> None:
         import torch
 
         from pipeline.checkpoint import load_sampling_export
-        from pipeline.ddpm.sampler import SamplerOptions
         from pipeline.ddpm.schedule import NoiseSchedule
         from pipeline.ddpm.unet import UNetConfig
         from pipeline.train.state import model_for_sampling
@@ -107,7 +110,7 @@ class SamplerWorker:
         self.schedule = NoiseSchedule.from_dict(state["schedule"])
         unet = UNetConfig.from_dict(state["unet"])
         self.shape = (unet.in_channels, unet.image_size, unet.image_size)
-        self.options = SamplerOptions(**options)
+        self.options = options
         self.threads = threads
         self.call = FixedShapeCalls(self.model, chunk)
 
@@ -139,7 +142,7 @@ class _Slot:
     ready: bool = False
     alive: bool = True
     info: dict[str, Any] = field(default_factory=dict)
-    inflight: dict[Any, Batch] = field(default_factory=dict)  # ObjectRef -> batch
+    inflight: dict[Any, SeedBatch] = field(default_factory=dict)  # ObjectRef -> batch
     batches: int = 0
     busy_s: float = 0.0
     cpu_s: float = 0.0
@@ -164,7 +167,7 @@ class SamplingPool:
         export: bytes,
         *,
         ema: bool,
-        options: dict[str, Any],
+        options: SamplerOptions,
         workers: int,
         use_gpu: bool,
         threads: int = 1,
@@ -178,14 +181,14 @@ class SamplingPool:
 
         self._ray = ray
         self.export_ref = ray.put(export)  # once; every actor reads the same object
-        self.ema, self.options, self.workers = ema, dict(options), workers
+        self.ema, self.options, self.workers = ema, options, workers
         self.use_gpu, self.threads, self.chunk = use_gpu, threads, chunk
         self.max_failures, self.depth, self.start_timeout_s = max_failures, depth, start_timeout_s
         self.log = log
         self.slots: list[_Slot] = []
         self.failures = 0
         self.resubmitted = 0
-        self._refs: dict[Any, tuple[_Slot, Batch | None]] = {}
+        self._refs: dict[Any, tuple[_Slot, SeedBatch | None]] = {}
         resources = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": threads}
         self._actor_cls = ray.remote(**resources, max_restarts=0, max_task_retries=0)(SamplerWorker)
 
@@ -212,7 +215,7 @@ class SamplingPool:
         """PIDs of the live, ready actors (for tests that crash one)."""
         return [s.info["pid"] for s in self.alive if s.ready]
 
-    def _actor_died(self, slot: _Slot, err: Exception, pending: deque[Batch], done: set[int]) -> None:
+    def _actor_died(self, slot: _Slot, err: Exception, pending: deque[SeedBatch], done: set[int]) -> None:
         if not slot.alive:
             return
         slot.alive = False
@@ -243,10 +246,10 @@ class SamplingPool:
     # -- the loop ----------------------------------------------------------------------------------
     def run(
         self,
-        batches: Sequence[Batch],
-        on_result: Callable[[Batch, np.ndarray], None],
+        batches: Sequence[SeedBatch],
+        on_result: Callable[[SeedBatch, np.ndarray], None],
         *,
-        after_batch: Callable[[SamplingPool, Batch], None] | None = None,
+        after_batch: Callable[[SamplingPool, SeedBatch], None] | None = None,
     ) -> PoolStats:
         """Sample every batch; ``on_result(batch, uint8 NHWC images)`` once per batch, as results arrive."""
         ray = self._ray
@@ -255,7 +258,7 @@ class SamplingPool:
         t_start = time.perf_counter()
         for _ in range(self.workers):
             self._start_actor()
-        pending: deque[Batch] = deque(batches)
+        pending: deque[SeedBatch] = deque(batches)
         done: set[int] = set()
         t_first_ready: float | None = None
         while len(done) < len(batches):

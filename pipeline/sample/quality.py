@@ -12,7 +12,8 @@ seconds on a CPU for digits). It is cached next to the dataset, ``<data.url>/fea
 keyed by a hash of its configuration and of the train split's shard checksums, so every evaluation of
 every run on that dataset uses the same feature space. Its held-out accuracy (on the eval split) is
 recorded with every evaluation. Numbers are comparable only within one feature space: the metric is
-named after it (``fd_digitcnn`` for the digits dataset), never "FID".
+named after it (``fd_digitcnn`` for the digits dataset), never "FID". ``quality_metrics`` is what
+an evaluation reports: the distance to the eval split and the real-data floors beside it.
 
 Importable without Ray and MLflow.
 """
@@ -324,3 +325,54 @@ def load_or_train_feature_net(
         f"({net.info['train_seconds']} s); cached at {url}"
     )
     return net
+
+
+# ------------------------------------------------------------------------------------------------
+# An evaluation's quality figures
+
+
+def quality_metrics(
+    images: np.ndarray, data_url: str, storage: Any = None, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Frechet distance of ``images`` (uint8 NHWC, may be a memmap) to the eval split, and the real floor.
+
+    Floor: the same distance between real images and the eval split: the first images of the
+    *train* split (its samples are shuffled when written), as many as were generated (at most the
+    whole split). Same reference, same sample size as the generated set. Also reported: two
+    disjoint halves of the eval split (smaller samples, so higher).
+    """
+    from pipeline.data import DataError, load_split_arrays
+
+    t0 = time.perf_counter()
+    ev = load_split_arrays(data_url, storage, "eval")
+    if ev.images.shape[1:] != images.shape[1:]:
+        raise DataError(
+            f"the eval split at {data_url} holds {ev.images.shape[1:]} images (HWC) but the model makes "
+            f"{images.shape[1:]}: not the run's dataset?"
+        )
+    if len(ev.images) < 4:
+        raise DataError(f"the eval split at {data_url} has {len(ev.images)} images: too few for a Frechet distance")
+    # Reads the train split only if the feature net has to be trained (it is cached after that).
+    net = load_or_train_feature_net(data_url, storage, eval_split=(ev.images, ev.labels), log=log)
+    tr = load_split_arrays(data_url, storage, "train", limit=len(images))
+    name = net.name
+    f_eval = net.features(ev.images)
+    stats_eval = gaussian_stats(f_eval)
+    fd = frechet_distance(*gaussian_stats(net.features(images)), *stats_eval)
+    floor = frechet_distance(*gaussian_stats(net.features(tr.images)), *stats_eval)
+    perm = np.random.default_rng(1).permutation(len(f_eval))
+    half = len(perm) // 2
+    floor_halves = frechet_distance_features(f_eval[perm[:half]], f_eval[perm[half : 2 * half]])
+    return {
+        "feature_space": name,
+        f"fd_{name}": fd,
+        f"fd_{name}_floor": floor,
+        f"fd_{name}_floor_eval_halves": floor_halves,
+        f"{name}_eval_accuracy": net.info.get("eval_accuracy"),
+        "reference": f"{data_url} eval split ({len(ev.images)} images)",
+        "floor": f"the first {len(tr.images)} train images vs the eval split",
+        "floor_eval_halves": f"two disjoint halves of the eval split ({half} images each)",
+        "generated_images": len(images),
+        "feature_net": {"name": name, "key": net.key, "url": net.url, "config": net.config.to_dict(), **net.info},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

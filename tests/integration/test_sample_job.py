@@ -2,7 +2,8 @@
 
 The module trains a ``tiny`` U-Net for a few seconds on the digits (written to the test S3 by the
 data layer's prepare_data job) with a 100-step schedule, logs it as the training job does (tag,
-params, config.json, checkpoints/images_<N>.pt), then evaluates it.
+params, config.json, checkpoints/images_<N>.pt; ``pipeline.sample.local_run``), then evaluates it.
+What needs no stack is in tests/unit/sample.
 """
 
 from __future__ import annotations
@@ -23,113 +24,16 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench_sample
+from jobs import prepare_data
 from jobs import sample as sample_job
 from pipeline.cluster import refresh_ray_auth
+from pipeline.sample import evaluate, local_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SCHEDULE = {"kind": "linear", "num_timesteps": 100, "beta_start": 1e-3, "beta_end": 0.2, "cosine_s": 0.008}
 CHUNK = 8  # model calls of 8 images in every run below, so images can be compared byte for byte
-FAST = ["--method", "ddim", "--steps", "10", "--chunk", str(CHUNK), "--no-progress"]
-
-
-# ------------------------------------------------------------------------------------------------
-# Without the stack
-
-
-def test_help_runs_as_a_script():
-    out = subprocess.run(
-        [sys.executable, "jobs/sample.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    for flag in ("--run-id", "--num-images", "--batch-size", "--method", "--steps", "--eta", "--clip, --no-clip",
-                 "--variance", "--first-seed", "--workers", "--checkpoint", "--ema, --no-ema", "--dry-run",
-                 "--storage.endpoint-url", "--tracking.uri", "--cluster.address"):  # fmt: skip
-        assert flag in out.stdout, flag
-
-
-@pytest.mark.parametrize(
-    "argv,field",
-    [
-        ([], "run_id"),
-        (["--run-id", "r", "--method", "euler"], "method"),
-        (["--run-id", "r", "--steps", "0"], "steps"),
-        (["--run-id", "r", "--checkpoint", "best"], "checkpoint"),
-        (["--run-id", "r", "--name", "a/b"], "name"),
-        (["--run-id", "r", "--workers", "0"], "workers"),
-    ],
-)
-def test_config_errors_exit_2_naming_the_field(argv, field, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("DDPM_STACK_DIR", str(tmp_path))
-    assert sample_job.main(argv) == 2
-    assert field in capsys.readouterr().err
-
-
-def test_dry_run_prints_the_settings(capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("DDPM_STACK_DIR", str(tmp_path))
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
-    assert sample_job.main(["--run-id", "abc", "--no-ema", "--method", "ancestral", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    d = json.loads(out)
-    assert (d["run_id"], d["ema"], d["method"]) == ("abc", False, "ancestral")
-    assert "very-secret" not in out
-
-
-def test_batches_cover_every_seed_once():
-    from pipeline.sample.pool import make_batches
-
-    batches = make_batches(1000, 23, 5)
-    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
-    assert [s for b in batches for s in b.seeds] == list(range(1000, 1023))
-    assert [b.start for b in batches] == [0, 5, 10, 15, 20]
-
-
-def test_fixed_shape_calls_make_images_independent_of_the_batch():
-    """Plain batched U-Net calls differ at ~1e-6 between batch sizes; calls of one fixed shape do not."""
-    from pipeline.ddpm.sampler import SamplerOptions, sample
-    from pipeline.ddpm.schedule import NoiseSchedule
-    from pipeline.ddpm.unet import UNet, preset
-    from pipeline.sample.pool import FixedShapeCalls
-
-    torch.manual_seed(0)
-    model = UNet(preset("tiny", image_size=8, in_channels=1)).eval()
-    for p in model.parameters():  # the zero-initialised output conv would make every prediction 0
-        p.data.add_(0.05 * torch.randn_like(p))
-    sched, opts, seeds = NoiseSchedule(**SCHEDULE), SamplerOptions("ddim", steps=10), list(range(10))
-    call = FixedShapeCalls(model, 4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        full = sample(call, sched, seeds, (1, 8, 8), opts)
-        for bs in (1, 3, 7):
-            parts = [sample(call, sched, seeds[i : i + bs], (1, 8, 8), opts) for i in range(0, 10, bs)]
-            assert torch.equal(torch.cat(parts), full), bs
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_sampler_tags_name_the_settings():
-    tag = sample_job.sampler_tag
-    assert tag("ddim", 50, 0.0, "fixed_small", True, True) == "ddim50-ema"
-    assert tag("ddim", 20, 0.5, "fixed_small", False, False) == "ddim20-eta0.5-noclip-raw"
-    assert tag("ancestral", 1000, 0.0, "fixed_large", True, True) == "ancestral1000-large-ema"
-
-
-def test_ray_addresses():
-    from pipeline.cluster import AddressError, resolve_address
-
-    assert resolve_address(None) == "local"
-    assert resolve_address("10.1.2.3:6379") == "10.1.2.3:6379"
-    assert resolve_address("ray://head:10001") == "ray://head:10001"
-    # A dashboard URL is translated only for a Ray running here (the stack's: tests/integration/test_stack.py).
-    for url in ("http://10.1.2.3:8265", "http://127.0.0.1:1"):
-        with pytest.raises(AddressError, match="ray job submit"):
-            resolve_address(url)
-
-
-# ------------------------------------------------------------------------------------------------
-# With the stack
+FAST = ["--sample.method", "ddim", "--sample.steps", "10", "--chunk", str(CHUNK), "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -144,21 +48,20 @@ def env(stack):
 
 
 @pytest.fixture(scope="module")
-def trained(env):
-    url = f"s3://ddpm-data/test-sample-{uuid.uuid4().hex[:8]}/digits"
-    bench_sample.prepare_digits(url)
-    threads = torch.get_num_threads()
-    state = bench_sample.train_state(
-        url, preset="tiny", schedule=SCHEDULE, steps=100, batch_size=32, lr=3e-3, threads=1
+def trained(env, s3):
+    """A tiny model trained here on digits written under the module's S3 prefix (deleted with it;
+    the MLflow runs stay, as a training job's would)."""
+    url = f"{s3.root}/digits"
+    assert prepare_data.main(["--out", url, "--eval-fraction", "0.2", "--no-progress"]) == 0
+    state = local_run.train_locally(
+        url, s3.storage, preset="tiny", schedule=SCHEDULE, steps=100, batch_size=32, lr=3e-3, threads=1
     )
-    torch.set_num_threads(threads)
-    run_id = bench_sample.log_training_run(env["MLFLOW_TRACKING_URI"], state, data_url=url, preset="tiny")
-    yield SimpleNamespace(url=url, run_id=run_id, state=state, uri=env["MLFLOW_TRACKING_URI"])
-    # The dataset and its cached feature net (the MLflow runs stay, as a training job's would).
-    from pipeline.data.storage import delete_urls, list_urls
+    run_id = _log_run(env["MLFLOW_TRACKING_URI"], state, url)
+    return SimpleNamespace(url=url, run_id=run_id, state=state, uri=env["MLFLOW_TRACKING_URI"])
 
-    storage = bench_sample._storage()
-    delete_urls(list(list_urls(url.rsplit("/", 1)[0], storage)), storage)
+
+def _log_run(uri, state, url, *, checkpoint=True) -> str:
+    return local_run.log_as_training_run(state, tracking_uri=uri, data_url=url, preset="tiny", checkpoint=checkpoint)
 
 
 def _client(uri):
@@ -168,8 +71,8 @@ def _client(uri):
 
 
 def _evaluate(trained, *args, after_batch=None) -> dict:
-    s = sample_job.SampleSettings.from_cli(["--run-id", trained.run_id, *FAST, *args])
-    return sample_job.run(s, after_batch=after_batch)
+    s = evaluate.SampleSettings.from_cli(["--run-id", trained.run_id, *FAST, *args])
+    return evaluate.evaluate(s, after_batch=after_batch)
 
 
 def _npz(trained, summary, tmp_path) -> dict[str, np.ndarray]:
@@ -286,8 +189,7 @@ def test_unknown_run_id_fails_clearly(env):
 
 @pytest.mark.stack
 def test_runs_without_a_usable_checkpoint_fail_clearly(trained, capsys, tmp_path):
-    no_ckpt = bench_sample.log_training_run(trained.uri, trained.state, data_url=trained.url, preset="tiny",
-                                            checkpoint=False)  # fmt: skip
+    no_ckpt = _log_run(trained.uri, trained.state, trained.url, checkpoint=False)
     assert sample_job.main(["--run-id", no_ckpt, *FAST]) == 1
     err = capsys.readouterr().err
     assert no_ckpt in err and "checkpoints/images_<N>.pt" in err
@@ -296,16 +198,15 @@ def test_runs_without_a_usable_checkpoint_fail_clearly(trained, capsys, tmp_path
     err = capsys.readouterr().err
     assert "images_000000000007.pt" in err and f"images_{trained.state.images_seen:012d}.pt" in err
 
-    assert sample_job.main(["--run-id", trained.run_id, "--method", "ddim", "--steps", "500"]) == 2
-    assert "steps" in capsys.readouterr().err
+    assert sample_job.main(["--run-id", trained.run_id, "--sample.method", "ddim", "--sample.steps", "500"]) == 2
+    assert "sample.steps" in capsys.readouterr().err
 
     # A checkpoint the code cannot rebuild: weights of another U-Net under the same name.
     from mlflow.tracking import MlflowClient
 
     from pipeline.checkpoint import sampling_export
 
-    broken = bench_sample.log_training_run(trained.uri, trained.state, data_url=trained.url, preset="tiny",
-                                           checkpoint=False)  # fmt: skip
+    broken = _log_run(trained.uri, trained.state, trained.url, checkpoint=False)
     state = trained.state.state_dict()
     state["unet"] = {**state["unet"], "base_channels": 32}
     path = tmp_path / f"images_{1:012d}.pt"
