@@ -1,4 +1,4 @@
-"""Image sources for ``jobs/prepare_data.py``: the embedded digits and a user's image folder.
+"""Image sources for ``pipeline.data.prepare``: the embedded digits and a user's image folder.
 
 A source is a list of ``SourceItem`` (key, label, metadata, and a ``load()`` that returns a PIL image)
 plus class names. ``prepare_image`` turns any image into the dataset's size and mode.

@@ -1,4 +1,4 @@
-"""Writing one dataset split as WebDataset shards + manifest (used by ``jobs/prepare_data.py``).
+"""Writing one dataset split as WebDataset shards + manifest (used by ``pipeline.data.prepare``).
 
 Standard WebDataset tar layout, one sample = three members sharing a key:
 ``<key>.cls`` (class index as decimal text), ``<key>.json`` (metadata), ``<key>.png`` (the image).
