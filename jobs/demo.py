@@ -18,25 +18,19 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from infra.stack import Stack
 
+REPO = Path(__file__).resolve().parents[1]
+DATA_URL = "s3://ddpm-data/digits"
 # The demo's CPU recipe: the `digits` U-Net, 2 workers x 1 thread, 120k images (~75 epochs of the
 # 1,617 training digits); a few minutes of training here reach recognisable digits (docs/demo-grid.png).
 TRAIN_ARGS = [
-    "--model.preset", "digits",
-    "--train.total-images", "120000",
-    "--train.batch-size", "128",
-    "--train.lr", "1e-3",
-    "--train.warmup-images", "5000",
-    "--train.ema-decay", "0.995",
-    "--train.checkpoint-every-images", "50000",
-    "--train.sample-every-images", "50000",
-    "--train.log-every-steps", "20",
-    "--sample.method", "ddim",
-    "--sample.steps", "100",
+    "--model.preset", "digits", "--train.total-images", "120000", "--train.batch-size", "128",
+    "--train.lr", "1e-3", "--train.warmup-images", "5000", "--train.ema-decay", "0.995",
+    "--train.checkpoint-every-images", "50000", "--train.sample-every-images", "50000",
+    "--train.log-every-steps", "20", "--sample.method", "ddim", "--sample.steps", "100",
 ]  # fmt: skip
-SAMPLE_ARGS = ["--num-images", "256", "--batch-size", "64", "--workers", "2"]
+SAMPLE_ARGS = ["--num-images", "256", "--batch-size", "64", "--workers", "2", "--no-progress"]
 
 
 def demo_workers() -> int:
@@ -48,7 +42,7 @@ def demo_workers() -> int:
     return min(2, gpus) if gpus else 2
 
 
-def phase(name: str, timings: dict, fn):
+def phase(name: str, timings: dict[str, float], fn):
     print(f"\n=== {name} ===", flush=True)
     t0 = time.time()
     out = fn()
@@ -57,14 +51,13 @@ def phase(name: str, timings: dict, fn):
     return out
 
 
-def run(cmd: list[str], env: dict, *, capture: bool = False) -> str:
-    """Run a command, streaming its output; returns the output when ``capture``."""
+def run(cmd: list[str], env: dict[str, str]) -> str:
+    """Run a command, streaming its output; returns that output."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     lines = []
     for line in proc.stdout:
         sys.stdout.write(line)
-        if capture:
-            lines.append(line)
+        lines.append(line)
     if proc.wait() != 0:
         raise SystemExit(f"demo: command failed (exit {proc.returncode}): {' '.join(cmd)}")
     return "".join(lines)
@@ -78,59 +71,39 @@ def main() -> int:
     timings: dict[str, float] = {}
     py = sys.executable
 
-    from infra.stack import Stack, StackConfig
+    up = phase("stack", timings, lambda: Stack().up(timeout=240))
+    env = {**os.environ, **up.env}  # the subprocesses below read the stack's standard variables
 
-    stack = Stack(StackConfig.resolve())
-    up = phase("stack", timings, lambda: stack.up(timeout=240))
-    env = {**os.environ, **up.env}
-
-    def data():
+    def data() -> None:
         from pipeline.config import StorageConfig
-        from pipeline.data.manifest import open_manifest
+        from pipeline.data.prepare import ensure_dataset
 
-        storage = StorageConfig.from_env(env)
-        try:
-            m = open_manifest("s3://ddpm-data/digits", storage, "train")
-            print(f"digits shards already in S3 ({m.num_samples} training images): reusing them")
-        except Exception:
-            run([py, "jobs/prepare_data.py", "--out", "s3://ddpm-data/digits", "--no-progress"], env)
+        m = ensure_dataset(DATA_URL, StorageConfig.from_env(env))
+        print(f"digits shards in S3 ({m.num_samples} training images) at {DATA_URL}")
 
     phase("data", timings, data)
 
     run_name = time.strftime("demo-%Y%m%d-%H%M%S")
-    # --working-dir: the job runs from a copy of this checkout (what .gitignore leaves out stays here).
+    # --working-dir: the job runs from a copy of this checkout (what .gitignore leaves out stays here);
+    # the job's driver takes S3 and MLflow from the Ray head's environment, which the stack set.
     ray_cli = str(Path(py).parent / "ray")
     train_cmd = [ray_cli, "job", "submit", "--address", env["RAY_ADDRESS"], "--working-dir", str(REPO), "--"]
     train_cmd += ["python", "jobs/train.py", *TRAIN_ARGS, "--cluster.num-workers", str(demo_workers())]
     train_cmd += ["--train.run-name", run_name, *args.train_args]
-    logs = phase("training", timings, lambda: run(train_cmd, env, capture=True))
-    found = re.search(r"MLFLOW_RUN_ID=([0-9a-f]{32})", logs)
+    found = re.search(r"MLFLOW_RUN_ID=([0-9a-f]{32})", phase("training", timings, lambda: run(train_cmd, env)))
     if not found:
         raise SystemExit("demo: the training job did not report an MLflow run id (is tracking configured?)")
     run_id = found.group(1)
 
     out_dir = REPO / "outputs" / run_name
-    sample_cmd = [
-        py,
-        "jobs/sample.py",
-        "--run-id",
-        run_id,
-        "--method",
-        args.sample_method,
-        *SAMPLE_ARGS,
-        "--work-dir",
-        str(out_dir),
-        "--no-progress",
-    ]
-    if args.sample_method == "ddim":
-        sample_cmd += ["--steps", "50"]
-    sample_logs = phase("sampling", timings, lambda: run(sample_cmd, env, capture=True))
+    sample_cmd = [py, "jobs/sample.py", "--run-id", run_id, *SAMPLE_ARGS, "--work-dir", str(out_dir)]
+    sample_cmd += ["--sample.method", args.sample_method]  # ddim: the job's default of 50 steps
+    sample_logs = phase("sampling", timings, lambda: run(sample_cmd, env))
 
-    uri = env["MLFLOW_TRACKING_URI"].rstrip("/")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    exp_id = client.get_run(run_id).info.experiment_id
+    uri = env["MLFLOW_TRACKING_URI"].rstrip("/")
+    exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
     grid = re.search(r'"grid.png": "([^"]+)"', sample_logs)
     fd = re.search(r'"(eval/[^"]*fd[^"]*)": ([0-9.e+-]+)', sample_logs)
     print("\n=== done ===")
