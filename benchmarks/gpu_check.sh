@@ -19,7 +19,7 @@ out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the repository, without installing it
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/ddpm-inductor-cache}"  # not into $out
-py="${PYTHON:-python}"
+py="${PYTHON:-$(command -v python || command -v python3)}"
 read -r -a extra <<<"${BENCH_ARGS:-}"
 model=(--preset cifar --image-size 32 --channels 3 --device cuda)
 : >"$out/steps.txt"
@@ -34,7 +34,7 @@ step() {
     echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$out/steps.txt"
 }
 
-step env 60 bash -c "nvidia-smi -L; $py -c 'import torch; print(torch.__version__, torch.version.cuda, \
+step env 30 bash -c "nvidia-smi -L; $py -c 'import torch; print(torch.__version__, torch.version.cuda, \
 torch.cuda.is_available() and torch.cuda.get_device_name())'"
 
 # 1. Eager options and their best combination; compiling is left to steps 3 and 4.
