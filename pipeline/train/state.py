@@ -4,6 +4,12 @@
 EMA copy, AdamW, the random generator for timesteps and noise, and the counters. Its
 ``state_dict`` is everything an exact resume needs, made only of tensors and plain values so it
 loads with ``torch.load(weights_only=True)``.
+
+A step whose gradient norm is not finite changes nothing but the counters. ``train_step`` never
+waits for the device to say so: on a GPU the optimizer step and the EMA update always run and are
+masked by the finite flag on the device, so the host can queue the next step at once. On a CPU,
+where reading a value costs nothing, the skip is a plain branch. Both leave the same weights, EMA,
+optimizer state and counters (``tests/unit/train/test_state.py`` checks it on the CPU).
 """
 
 from __future__ import annotations
@@ -39,13 +45,28 @@ class OptimConfig:
 
 @dataclass
 class StepResult:
-    loss_sum: float  # sum of per-sample losses on this rank (NaN if the step was skipped for it)
+    """One optimizer step, as tensors on the device; reading them waits for the step to finish."""
+
+    per_sample: torch.Tensor  # (n,) float32 losses on this rank
+    t: torch.Tensor  # (n,) their timestep indices
+    norm: torch.Tensor  # global gradient norm before clipping (identical on every rank under DDP)
+    finite: torch.Tensor  # bool; False: the step was skipped
     images: int  # images this rank used in the step
-    grad_norm: float  # global gradient norm before clipping (identical on every rank under DDP)
-    applied: bool  # False: non-finite gradients, the optimizer step was skipped
-    per_sample: torch.Tensor  # (n,) losses on this rank, cpu
-    t: torch.Tensor  # (n,) their timestep indices, cpu
     lr: float
+
+    # Host values, for callers that read every step anyway (the training loop reads the tensors only
+    # at log steps).
+    @property
+    def loss_sum(self) -> float:
+        return float(self.per_sample.sum())
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.norm)
+
+    @property
+    def applied(self) -> bool:
+        return bool(self.finite)
 
 
 def lr_at(images_seen: int, cfg: OptimConfig) -> float:
@@ -56,6 +77,10 @@ def lr_at(images_seen: int, cfg: OptimConfig) -> float:
 
 
 class TrainState:
+    """``skip_on_host``: decide a non-finite step with a host branch (True) or mask it on the device
+    (False); None: the branch on a CPU, the mask elsewhere. The counters ``images_seen`` and
+    ``samples_skipped`` are the loop's to advance; ``skipped_steps`` is a tensor on the device."""
+
     def __init__(
         self,
         unet: UNetConfig,
@@ -65,9 +90,11 @@ class TrainState:
         device: torch.device | str = "cpu",
         seed: int = 0,
         rank: int = 0,
+        skip_on_host: bool | None = None,
     ) -> None:
         self.unet_config, self.schedule, self.cfg = unet, schedule, cfg
         self.device, self.seed, self.rank = torch.device(device), seed, rank
+        self.skip_on_host = self.device.type == "cpu" if skip_on_host is None else skip_on_host
         torch.manual_seed(seed)  # the same initial weights on every rank
         self.model = UNet(unet)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
@@ -82,15 +109,23 @@ class TrainState:
         )
         self.ema.model.to(self.device)
         self._fused = (cfg.fused_adamw and self.device.type == "cuda") or None
+        # The mask needs AdamW's step counts on the device too (fused AdamW keeps them there anyway).
+        self._capturable = not self.skip_on_host and self.device.type == "cuda" and not self._fused
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self._fused
+            self.model.parameters(),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            fused=self._fused,
+            capturable=self._capturable,
         )
+        self._saved: list[torch.Tensor] = []  # scratch copies for the masked step
         # Timesteps and noise differ per rank but are reproducible: seeded by (seed, rank).
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed * 100_003 + rank)
         self.images_seen = 0
+        self.samples_skipped = 0  # bad data samples the reader dropped, over all ranks
         self.step_count = 0
-        self.skipped_steps = 0
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def _autocast(self):
         if self.cfg.precision == "bf16":
@@ -119,38 +154,49 @@ class TrainState:
                 (out.per_sample.sum() / n_total).backward()
             per_sample.append(out.per_sample.detach())
             ts.append(out.t.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        applied = bool(torch.isfinite(grad_norm))
-        if applied:
-            self.opt.step()
-            self.ema.update(self.model)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        # Under DDP the gradients are averaged, so every rank sees the same norm and skips together;
+        # the weights are never touched by a NaN.
+        finite = torch.isfinite(norm)
+        # AdamW creates a parameter's state at its first step, and a skipped first step must create
+        # none: that one step is decided on the host.
+        if self.skip_on_host or any(p.grad is not None and p not in self.opt.state for p in self.model.parameters()):
+            if finite:
+                self.opt.step()
+                self.ema.update(self.model)
         else:
-            # Under DDP the gradients are averaged, so every rank sees the same non-finite norm and
-            # skips together; the weights are never touched by a NaN.
-            self.skipped_steps += 1
+            self._masked_update(finite)
+        self.skipped_steps += ~finite
         self.opt.zero_grad(set_to_none=True)
         self.step_count += 1
-        losses = torch.cat(per_sample).float().cpu()
-        return StepResult(
-            loss_sum=float(losses.sum()),
-            images=n_total,
-            grad_norm=float(grad_norm),
-            applied=applied,
-            per_sample=losses,
-            t=torch.cat(ts).cpu(),
-            lr=lr,
-        )
+        return StepResult(torch.cat(per_sample).float(), torch.cat(ts), norm, finite, n_total, lr)
+
+    @torch.no_grad()
+    def _masked_update(self, finite: torch.Tensor) -> None:
+        """``opt.step()`` and ``ema.update()``, leaving every value exactly as it was unless ``finite``."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for p in params:  # zero gradients keep the update that gets thrown away finite
+            p.grad.masked_fill_(~finite, 0.0)
+        live = params + [v for p in params for v in self.opt.state[p].values() if torch.is_tensor(v)]
+        if len(self._saved) != len(live):
+            self._saved = [torch.empty_like(v) for v in live]
+        torch._foreach_copy_(self._saved, live)
+        self.opt.step()
+        # lerp by 0 keeps the new value and by 1 takes the saved one, both exactly (all are finite).
+        torch._foreach_lerp_(live, self._saved, (~finite).float())
+        _masked_ema_update(self.ema, self.model, finite)
 
     # -- checkpoint state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
+            "ema": self.ema.state_dict() | {"num_updates": int(self.ema.num_updates)},
             "optimizer": self.opt.state_dict(),
             "counters": {
                 "images_seen": self.images_seen,
                 "step": self.step_count,
-                "skipped_steps": self.skipped_steps,
+                "skipped_steps": int(self.skipped_steps),
+                "samples_skipped": self.samples_skipped,
             },
             "generator": self.generator.get_state(),
             "unet": self.unet_config.to_dict(),
@@ -171,16 +217,23 @@ class TrainState:
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         # load_state_dict brings back the saved run's hyperparameters; this run's config wins (the
-        # learning rate is set every step anyway). Fused AdamW wants its step counts on the device.
+        # learning rate is set every step anyway). Fused and capturable AdamW want their step counts
+        # on the device.
+        on_device = self._fused or self._capturable
         for group in self.opt.param_groups:
-            group["weight_decay"], group["fused"] = self.cfg.weight_decay, self._fused
-            for p in group["params"] if self._fused else ():
+            group["weight_decay"], group["fused"], group["capturable"] = (
+                self.cfg.weight_decay,
+                self._fused,
+                self._capturable,
+            )
+            for p in group["params"] if on_device else ():
                 st = self.opt.state.get(p, {})
                 if "step" in st:
                     st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
         c = state["counters"]
         self.images_seen, self.step_count = int(c["images_seen"]), int(c["step"])
-        self.skipped_steps = int(c["skipped_steps"])
+        self.samples_skipped = int(c.get("samples_skipped", 0))
+        self.skipped_steps = torch.tensor(int(c["skipped_steps"]), device=self.device)
         if generator:
             self.set_generator_state(state["generator"])
 
@@ -192,6 +245,21 @@ class TrainState:
             return True
         self.generator.manual_seed((self.seed * 1_000_003 + self.images_seen) * 100_003 + self.rank + 1)
         return False
+
+
+@torch.no_grad()
+def _masked_ema_update(ema: EMA, model: nn.Module, applied: torch.Tensor) -> None:
+    """``ema.update(model)`` if ``applied``, else nothing, with the decay worked out on the device:
+    ``ema.num_updates`` becomes a device tensor."""
+    n = torch.as_tensor(ema.num_updates, dtype=torch.int64, device=applied.device)
+    decay = torch.full((), ema.decay, dtype=torch.float64, device=applied.device)
+    if ema.warmup:
+        decay = torch.minimum(decay, (1 + n.double()) / (10 + n.double()))
+    weight = ((1.0 - decay) * applied).float()  # as EMA.update: computed in float64, used in float32
+    torch._foreach_lerp_(list(ema.model.parameters()), [p.detach() for p in model.parameters()], weight)
+    for eb, b in zip(ema.model.buffers(), model.buffers(), strict=True):
+        eb.copy_(torch.where(applied, b, eb))
+    ema.num_updates = n + applied
 
 
 def model_for_sampling(state: dict, *, ema: bool = True) -> nn.Module:
