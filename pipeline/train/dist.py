@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as td
 
@@ -42,6 +44,21 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
         if y is not x:
             x.copy_(y)
     return x
+
+
+def all_reduce_host(values: list[int]) -> list[int]:
+    """Sum integers the host already holds over ranks, on the CPU: beside NCCL over a gloo group of
+    the same ranks, so the sum never waits for work queued on a GPU."""
+    if not is_dist():
+        return list(values)
+    x = torch.tensor(values, dtype=torch.int64)
+    td.all_reduce(x, op=td.ReduceOp.SUM, group=_cpu_group(td.group.WORLD) if td.get_backend() == "nccl" else None)
+    return x.tolist()
+
+
+@functools.cache
+def _cpu_group(world):
+    return td.new_group(backend="gloo")  # made on every rank at its first sum: a collective call
 
 
 def all_gather_object(obj):
