@@ -1,4 +1,4 @@
-"""Training throughput on the local stack, measured in one run (issue 5's figures).
+"""Training throughput on the local stack, measured in one run.
 
     .venv/bin/python benchmarks/bench_train.py [--images 30000] [--json out.json]
 
@@ -24,9 +24,6 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 
 def settings_for(images: int, workers: int, tracking: bool = True, batch_size: int = 128):
     from pipeline.config import Settings
@@ -51,15 +48,15 @@ def settings_for(images: int, workers: int, tracking: bool = True, batch_size: i
 
 
 def ray_run(images: int, workers: int, batch_size: int = 128) -> dict:
-    from jobs.train import launch
     from pipeline.tracking import find_or_create_run
+    from pipeline.train.launch import launch
 
     s = settings_for(images, workers, batch_size=batch_size)
     name = f"bench-ray{workers}-{uuid.uuid4().hex[:6]}"
     s.train.run_name = name
     run_id = find_or_create_run(s.tracking.uri, s.tracking.experiment, name) if s.tracking.uri else None
     t0 = time.time()
-    result = launch(s, name, run_id)
+    result = launch(s, run_id)
     m = dict(result.metrics)
     m["startup_s"] = m["first_step_unix"] - t0
     m["wall_s"] = time.time() - t0
@@ -71,7 +68,8 @@ def plain_worker(settings_file: str, out_dir: str) -> None:
     import torch.distributed as td
 
     from pipeline.config import Settings
-    from pipeline.train.loop import Session, train_worker
+    from pipeline.train.checkpointer import Session
+    from pipeline.train.loop import train_worker
 
     td.init_process_group("gloo")
     s = Settings.model_validate(json.loads(Path(settings_file).read_text()))
@@ -127,8 +125,8 @@ def main() -> int:
     env = Stack(StackConfig.resolve()).up(timeout=240).env
     os.environ.update(env)
     refresh_ray_auth()  # `up` imported Ray, which cached "no token" before the stack's was set
-    from jobs.prepare_data import ensure_dataset
     from pipeline.config import StorageConfig, TrainConfig
+    from pipeline.data.prepare import ensure_dataset
 
     ensure_dataset("s3://ddpm-data/digits", StorageConfig.from_env(env))
 

@@ -1,0 +1,182 @@
+"""Training on a Ray cluster: the checks before any cluster work, Ray Train's TorchTrainer, and the
+worker side, which runs ``train_worker`` with its checkpoints in Ray Train's run storage (S3 through
+pyarrow). A run has an explicit name: a new run never picks up an old one's checkpoints, and
+``train.resume`` continues the named run deliberately."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from pipeline.checkpoint import images_of
+from pipeline.config import ConfigError, Settings
+from pipeline.data.storage import filesystem
+
+
+class DeviceError(ConfigError):
+    """The settings ask for a device the cluster cannot give."""
+
+
+def name_run(settings: Settings) -> None:
+    """A new timestamped ``train.run_name`` when none is given."""
+    if not settings.train.run_name:
+        settings.train.run_name = time.strftime("ddpm-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def preflight(settings: Settings) -> str | None:
+    """Check what must hold before the cluster trains (the data matches the settings, the run name is
+    new or resumed on purpose, the cluster has the devices asked for; ``ConfigError`` otherwise), then
+    find or create the MLflow run. Returns its id (None: untracked)."""
+    from pipeline.data.manifest import check_matches, open_manifest
+
+    name, where = settings.train.run_name, settings.storage.checkpoint_url
+    try:
+        manifest = open_manifest(settings.data.url, settings.storage, "train")
+        check_matches(manifest, image_size=settings.data.image_size, channels=settings.data.channels)
+        exists = run_exists(settings, name)
+    except Exception as e:  # the data layer's errors name the URL and the cause
+        raise ConfigError(f"error: {e}") from e
+    if exists and not settings.train.resume:
+        raise ConfigError(
+            f"error: a run named {name!r} already exists under {where}; "
+            f"pass --train.resume to continue it, or choose another --train.run-name"
+        )
+    if settings.train.resume and not exists:
+        raise ConfigError(f"error: --train.resume: no run named {name!r} under {where}")
+    connect_and_choose_device(settings)
+    if not settings.tracking.uri:
+        return None
+    from pipeline.tracking import find_or_create_run
+
+    try:
+        return find_or_create_run(settings.tracking.uri, settings.tracking.experiment, name)
+    except Exception as e:
+        print(f"WARNING: MLflow at {settings.tracking.uri} unreachable ({e}); training continues untracked", flush=True)
+        return None
+
+
+def run_exists(settings: Settings, run_name: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(settings.storage.checkpoint_url, settings.storage)
+    return fs.get_file_info(f"{path}/{run_name}").type != pafs.FileType.NotFound
+
+
+def choose_device(settings: Settings, gpus: float) -> bool:
+    """True if the workers get a GPU each on a cluster with ``gpus`` GPUs; refuses what cannot work."""
+    mode, workers = settings.cluster.use_gpu, settings.cluster.num_workers
+    # Ray would wait for missing GPUs for ever (Train retries the worker-group start without limit).
+    if mode == "yes" and gpus < workers:
+        raise DeviceError(
+            f"cluster.use_gpu=yes asks for {workers} GPU worker(s) but the cluster has {gpus:g} GPU(s); "
+            "use --cluster.use-gpu auto or no, or fewer --cluster.num-workers"
+        )
+    if mode == "auto" and 0 < gpus < workers:
+        fit = max(k for k in range(1, int(gpus) + 1) if settings.train.batch_size % k == 0)
+        raise DeviceError(
+            f"cluster.use_gpu=auto: the cluster has {gpus:g} GPU(s) for {workers} workers of one GPU each; "
+            f"pass --cluster.num-workers {fit} to train on the GPU(s), or --cluster.use-gpu no for CPU workers"
+        )
+    use_gpu = mode == "yes" or (mode == "auto" and gpus >= workers)
+    if settings.train.precision == "bf16" and not use_gpu:
+        raise DeviceError(
+            "train.precision=bf16 needs GPU workers, and these run on CPU (bf16 autocast is about 300x "
+            "slower than fp32 on CPUs); use --train.precision fp32"
+        )
+    return use_gpu
+
+
+def connect_and_choose_device(settings: Settings) -> bool:
+    """Connect to the cluster, then ``choose_device`` for its GPUs."""
+    from pipeline.cluster import connect
+
+    connect(settings.cluster.address)
+    import ray
+
+    return choose_device(settings, ray.cluster_resources().get("GPU", 0))
+
+
+def launch(settings: Settings, mlflow_run_id: str | None):
+    """Run the TorchTrainer for ``train.run_name`` on the cluster of ``settings.cluster``; returns Ray
+    Train's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = connect_and_choose_device(settings)
+    fs, path = filesystem(settings.storage.checkpoint_url, settings.storage)
+    run_name = settings.train.run_name
+    # Secrets travel inside the Ray cluster only, in the worker config (never printed).
+    config = {"settings": settings.model_dump(mode="python"), "run_name": run_name, "mlflow_run_id": mlflow_run_id}
+    # The workers follow the driver's decision: under Ray a CPU worker still sees the node's GPUs.
+    config["settings"]["cluster"]["use_gpu"] = "yes" if use_gpu else "no"
+    config["settings"]["storage"]["secret_access_key"] = (
+        settings.storage.secret_access_key.get_secret_value() if settings.storage.secret_access_key else None
+    )
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=settings.cluster.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": settings.cluster.threads_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=settings.cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=settings.train.keep_checkpoints),
+            worker_runtime_env={
+                "env_vars": {
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                    "OMP_NUM_THREADS": str(settings.cluster.threads_per_worker),
+                }
+            },
+        ),
+    )
+    return trainer.fit()
+
+
+def run_page(settings: Settings, mlflow_run_id: str) -> str:
+    """The MLflow UI address of a run."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(settings.tracking.uri).get_experiment_by_name(settings.tracking.experiment)
+    return f"{settings.tracking.uri.rstrip('/')}/#/experiments/{exp.experiment_id if exp else '0'}/runs/{mlflow_run_id}"
+
+
+def _worker(config: dict) -> None:
+    """Entry point of each Ray Train worker: ``train_worker`` with a Session over the run's storage."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from pipeline.train.checkpointer import Session
+    from pipeline.train.loop import train_worker
+
+    settings = Settings.model_validate(config["settings"])
+    fs, run_path = filesystem(settings.storage.checkpoint_url, settings.storage)
+    run_path = f"{run_path}/{config['run_name']}"
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddpm-restore-{uuid.uuid4().hex[:8]}"
+
+    def report(metrics, directory, name):
+        ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+    def candidates():
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+        except OSError:
+            return []
+        dirs = [i.path for i in infos if i.type == pafs.FileType.Directory and images_of(i.base_name) is not None]
+        return sorted(dirs, key=lambda p: images_of(Path(p).name), reverse=True)
+
+    def fetch(path):
+        local = cache / Path(path).name
+        if not local.exists():
+            ray.train.Checkpoint(path, filesystem=fs).to_directory(str(local))
+        return local
+
+    train_worker(settings, Session(report=report, candidates=candidates, fetch=fetch), config.get("mlflow_run_id"))
