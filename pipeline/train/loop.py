@@ -65,7 +65,8 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
         batch = next(batches)
         r = state.train_step([m for m in batch.images.tensor_split(t.grad_accum) if len(m)])
         images, skipped = dist.all_reduce_host([r.images, batch.skipped])
-        before, state.images_seen = state.images_seen, state.images_seen + images
+        before = state.images_seen
+        state.images_seen += images
         state.samples_skipped += skipped
         timer.stepped(images, state.images_seen)
         guard.observe(r.finite)
