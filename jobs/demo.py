@@ -30,7 +30,9 @@ TRAIN_ARGS = [
     "--train.checkpoint-every-images", "50000", "--train.sample-every-images", "50000",
     "--train.log-every-steps", "20", "--sample.method", "ddim", "--sample.steps", "100",
 ]  # fmt: skip
-SAMPLE_ARGS = ["--num-images", "256", "--batch-size", "64", "--workers", "2", "--no-progress"]
+SAMPLE_ARGS = ["--num-images", "256", "--batch-size", "64", "--workers", "2"]
+PROGRESS_EVERY_S = 10.0  # the sampling job's progress bar, captured here, becomes a line this often
+BAR = re.compile(r"^sampling:\s+(\d+)%\|")
 
 
 def demo_workers() -> int:
@@ -52,12 +54,17 @@ def phase(name: str, timings: dict[str, float], fn):
 
 
 def run(cmd: list[str], env: dict[str, str]) -> str:
-    """Run a command, streaming its output; returns that output."""
+    """Run a command, streaming its output; returns that output. Text mode turns a progress bar's
+    carriage returns into lines: of those, one per ``PROGRESS_EVERY_S`` and the first at 100% are shown."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    lines = []
+    lines, last_bar, shown = [], float("-inf"), ""
     for line in proc.stdout:
-        sys.stdout.write(line)
         lines.append(line)
+        if bar := BAR.match(line):
+            if time.monotonic() - last_bar < PROGRESS_EVERY_S and (bar.group(1) != "100" or shown == "100"):
+                continue
+            last_bar, shown = time.monotonic(), bar.group(1)
+        sys.stdout.write(line)
     if proc.wait() != 0:
         raise SystemExit(f"demo: command failed (exit {proc.returncode}): {' '.join(cmd)}")
     return "".join(lines)
@@ -71,7 +78,7 @@ def main() -> int:
     timings: dict[str, float] = {}
     py = sys.executable
 
-    up = phase("stack", timings, lambda: Stack().up(timeout=240))
+    up = phase("stack", timings, lambda: Stack().up(timeout=240, say=lambda m: print(m, flush=True)))
     env = {**os.environ, **up.env}  # the subprocesses below read the stack's standard variables
 
     def data() -> None:

@@ -135,6 +135,9 @@ class TrainConfig(Section):
     )
     grid_size: int = Field(64, ge=1, description="images in a sample grid (fixed seeds 0..n-1)")
     log_every_steps: int = Field(10, ge=1, description="optimizer steps between metric logs")
+    progress_every_s: float = Field(
+        15.0, gt=0, description="seconds between the progress lines rank 0 prints (images, loss, images/s, ETA)"
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (GPU only; very slow on CPUs)")
     channels_last: bool = Field(False, description="channels_last memory format (helps convolutions on GPU)")
     compile: bool = Field(False, description="torch.compile the model (slower on CPU; helps on GPU)")

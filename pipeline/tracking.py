@@ -31,6 +31,7 @@ STEP_METRIC = "train/images_seen"
 CHECKPOINT_DIR = "checkpoints"  # sampling checkpoints: checkpoints/images_<N>.pt
 CONFIG_ARTIFACT = "config.json"  # the resolved settings of a training run
 EVAL_DIR = "eval"  # evaluations: artifacts eval/<name>/..., metrics eval/<sampler tag>/<figure>
+NOTE_TAG = "mlflow.note.content"  # the run page's description
 
 
 class TrackingError(RuntimeError):
@@ -99,6 +100,29 @@ class Tracker:
         dst.write_bytes(data)
         self._q.put(("artifact", (dst, artifact_path)))
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._q.put(("tags", [RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def log_datasets(self, datasets: list[tuple[str, str, str, str]]) -> None:
+        """Dataset inputs of the run page: (name, source URL, digest, context) each."""
+        self._q.put(("inputs", [dataset_input(*d) for d in datasets]))
+
+    def start_system_metrics(self, every_s: float = 10.0) -> None:
+        """MLflow's own CPU / memory / disk / network (and GPU where present) figures under system/,
+        sampled by MLflow's thread; a failure to start costs only those figures."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
+            self._system = SystemMetricsMonitor(
+                self.run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=self.uri
+            )
+            self._system.start()
+        except Exception as e:
+            log.warning("MLflow system metrics not started: %s", e)
+
     def log_settings(self, settings: Any, extra_params: dict[str, Any] | None = None) -> None:
         """A job's resolved settings (``JobSettings``): flattened as params, and whole as config.json."""
         self.log_params(settings.flat_params() | (extra_params or {}))
@@ -112,6 +136,8 @@ class Tracker:
 
     def close(self, status: str | None = None, timeout: float = 120.0) -> None:
         """Flush everything (bounded by ``timeout``), then end the thread."""
+        if system := getattr(self, "_system", None):
+            system.finish()
         if status:
             self._q.put(("status", status))
         self._q.put(("flush", None))
@@ -175,6 +201,10 @@ class Tracker:
                     shutil.rmtree(src.parent, ignore_errors=True)
                 elif kind == "status":
                     self.client.set_terminated(self.run_id, status=payload)
+                elif kind == "tags":
+                    self.client.log_batch(self.run_id, tags=payload)
+                elif kind == "inputs":
+                    self.client.log_inputs(self.run_id, datasets=payload)
                 rest.pop(0)
             self._pending = []
         except Exception as e:
@@ -230,6 +260,14 @@ class TrackedRun:
         except (TrackingError, ValueError):
             return None
 
+    def append_note(self, text: str) -> None:
+        """Add a paragraph to the run's description (the training job writes the first)."""
+        note = self.client.get_run(self.run_id).data.tags.get(NOTE_TAG, "")
+        try:
+            self.client.set_tag(self.run_id, NOTE_TAG, f"{note}\n\n{text}" if note else text)
+        except Exception as e:
+            raise TrackingError(f"could not update the description of MLflow run {self.run_id!r}: {e}") from None
+
     def log_evaluation(self, name: str, local_dir: str | Path, metrics: dict[str, float], step: int) -> str:
         """The files of ``local_dir`` as artifacts ``eval/<name>/...`` and ``metrics`` (full keys) at
         ``step``; returns the artifact folder."""
@@ -243,6 +281,17 @@ class TrackedRun:
         except Exception as e:
             raise TrackingError(f"could not log the results to MLflow run {self.run_id!r}: {e}") from None
         return folder
+
+
+def dataset_input(name: str, url: str, digest: str, context: str):
+    """An MLflow dataset input: metadata only (the shards stay where they are), named by its source URL."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    entity = MetaDataset(resolve_dataset_source(url), name=name, digest=digest)._to_mlflow_entity()
+    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def eval_metric_key(sampler_tag: str, figure: str) -> str:

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 def _up(args: argparse.Namespace) -> int:
     ports = {n: getattr(args, n) for n in PORT_ENV}
     stack = Stack(StackConfig.resolve(state_dir=args.state_dir, port_offset=args.port_offset, **ports))
-    result = stack.up(timeout=args.timeout, services=args.only.split(","))
+    result = stack.up(timeout=args.timeout, services=args.only.split(","), say=lambda m: print(m, flush=True))
     print(
         f"stack up in {result.seconds:.1f} s (started: {', '.join(result.started) or '-'}; "
         f"reused: {', '.join(result.reused) or '-'}); env in {stack.env_file}"

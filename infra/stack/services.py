@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from importlib import metadata, util
@@ -246,8 +246,11 @@ class Stack:
 
     # ---- up
 
-    def up(self, timeout: float = 180.0, services: Iterable[str] = SERVICES) -> UpResult:
-        """Start (or reuse) the services and wait until each answers; write env.json."""
+    def up(
+        self, timeout: float = 180.0, services: Iterable[str] = SERVICES, say: Callable[[str], None] | None = None
+    ) -> UpResult:
+        """Start (or reuse) the services and wait until each answers; write env.json. ``say`` (e.g. print)
+        hears what is being waited for and when each service is ready."""
         t0, wanted = time.monotonic(), select(services)
         deadline = t0 + timeout
         with self._lock():
@@ -270,14 +273,19 @@ class Stack:
                             f"pick other ports (--port-offset / {OFFSET_ENV} or the port flags)"
                         )
             commands = {name: self._command(name) for name in to_start}  # missing binaries fail here
+            first_mlflow = not self.mlflow_db.exists()
             for name, (argv, extra) in commands.items():
                 log = self.log_file(name)
                 records[name] = processes.launch(argv, self._service_env(extra), self.config.state_dir, log)
+                if say:
+                    say(f"waiting for {_waiting_for(name, first_mlflow)} ...")
             write_private_json(self.pids_file, records)
             try:
                 with ThreadPoolExecutor(len(wanted) or 1) as pool:
                     for f in [pool.submit(self._wait_ready, n, deadline, n in to_start) for n in wanted]:
                         f.result()
+                if say and to_start:
+                    say(f"{', '.join(to_start)} ready after {time.monotonic() - t0:.0f} s")
             except BaseException:
                 self._stop(to_start)
                 raise
@@ -377,3 +385,10 @@ class Stack:
                 "pss_mib": round(sum(m[1] for m in mem) / 1024, 1),
             }
         return out
+
+
+def _waiting_for(name: str, first_mlflow: bool) -> str:
+    """What starting a service waits for, with the times measured on a 2-core machine."""
+    if name == "mlflow":
+        return "MLflow (first start creates its database, ~35 s)" if first_mlflow else "MLflow (~12 s)"
+    return {"s3": "S3 (SeaweedFS, a few seconds)", "ray": "the Ray head (10-20 s)"}.get(name, name)

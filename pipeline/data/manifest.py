@@ -7,6 +7,7 @@ workers; shard URLs are resolved relative to the manifest (``name``), so a copie
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -55,6 +56,11 @@ class Manifest:
     @property
     def shard_urls(self) -> list[str]:
         return [self.shard_url(i) for i in range(len(self.shards))]
+
+    @property
+    def digest(self) -> str:
+        """The shards' fingerprint (from their sha256s): the same data, the same digest wherever it lies."""
+        return hashlib.sha256("".join(s.sha256 or s.name for s in self.shards).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

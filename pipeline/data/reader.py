@@ -27,7 +27,6 @@ all its batches, filling them with re-drawn copies of samples it read earlier th
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import random
 from collections import deque
@@ -275,9 +274,8 @@ class ShardReader:
 
     def layout(self) -> dict[str, Any]:
         """The inputs of the rule; a position can only be resumed exactly under the same layout."""
-        shards = "".join(s.sha256 or s.name for s in self.manifest.shards)
         return {
-            "manifest": hashlib.sha256(shards.encode()).hexdigest()[:16],
+            "manifest": self.manifest.digest,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "streams_per_rank": self.streams_per_rank,

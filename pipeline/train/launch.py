@@ -137,6 +137,12 @@ def launch(settings: Settings, mlflow_run_id: str | None):
             },
         ),
     )
+    # The watcher only forwards node-drain notices to ray.train.get_preemption_info(), which the loop
+    # does not read (a preempted worker is still retried from the last checkpoint), and starting it
+    # logs a core_worker error about its restartable constructor arguments on every run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    each = "one GPU" if use_gpu else f"{settings.cluster.threads_per_worker} CPU"
+    print(f"waiting for {settings.cluster.num_workers} Ray Train workers ({each} each) to start ...", flush=True)
     return trainer.fit()
 
 
@@ -156,6 +162,7 @@ def _worker(config: dict) -> None:
     from pipeline.train.checkpointer import Session
     from pipeline.train.loop import train_worker
 
+    _quiet_ray_reports()
     settings = Settings.model_validate(config["settings"])
     fs, run_path = filesystem(settings.storage.checkpoint_url, settings.storage)
     run_path = f"{run_path}/{config['run_name']}"
@@ -180,3 +187,14 @@ def _worker(config: dict) -> None:
         return local
 
     train_worker(settings, Session(report=report, candidates=candidates, fetch=fetch), config.get("mlflow_run_id"))
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train prints every report (``TrainingReport(...)``, a dict dump) and every checkpoint upload at
+    INFO on each worker; rank 0's progress line says what matters once. Warnings and errors still show."""
+    import logging
+
+    from ray.train.v2._internal.execution import context, storage
+
+    for logger in (context.logger, storage.logger):
+        logger.setLevel(logging.WARNING)

@@ -7,6 +7,7 @@ The model code knows nothing of either; DDP is applied in ``parallelize``.
 The host does not wait for the device after each step: the step's results stay there, and the host
 only sums the image counts it already knows. It reads the device at log steps, checkpoints and grids
 (every ``train.log_every_steps`` steps at least), and that is also when the NaN guard is checked.
+Rank 0 also reads its loss once per ``train.progress_every_s`` for the operator's progress line.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import os
 import torch
 
 from pipeline.config import Settings
+from pipeline.tracking import NOTE_TAG
 from pipeline.train import dist
 from pipeline.train.checkpointer import Checkpointer, Session
-from pipeline.train.reporting import GridLogger, MetricLogger, StepTimer, log_run_start
+from pipeline.train.reporting import GridLogger, MetricLogger, Progress, StepTimer, log_run_start, run_description
 from pipeline.train.state import OptimConfig, TrainState
 
 
@@ -48,6 +50,8 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
     )
     tracking = bool(settings.tracking.uri and mlflow_run_id)
     tracker = _tracker(settings.tracking.uri, mlflow_run_id) if tracking and rank == 0 else None
+    if tracker:
+        tracker.start_system_metrics()
     checkpoints = Checkpointer(state, reader, session, tracker)
     metrics = MetricLogger(tracker, tracking=tracking, num_timesteps=state.schedule.num_timesteps)
     grids = GridLogger(state, settings, tracker)
@@ -60,6 +64,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
     _say(rank, f"{where}; world_size={world}, per-rank batch {reader.batch_size}, device {device}")
 
     timer = StepTimer()
+    progress = Progress(t.total_images, t.progress_every_s, state.images_seen) if rank == 0 else None
     batches = reader.stream()
     while state.images_seen < t.total_images:
         batch = next(batches)
@@ -92,12 +97,17 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
         if save_now:
             with timer.side("checkpoint"):
                 checkpoints.save(timer.summary(state.images_seen))
+            if progress:
+                progress.checkpointed(state.images_seen)
         if grid_now:
             with timer.side("grid"):
                 grids.log()
+        if progress and (done or progress.due()):
+            progress.report(state.images_seen, float(r.per_sample.mean()))  # rank 0's loss: no collective
 
     if tracker:
         tracker.log_metrics(timer.overheads(), step=state.images_seen)
+        tracker.set_tags({NOTE_TAG: run_description(settings, reader, world, metrics.last_loss)})
         tracker.close(status="FINISHED")
     return {"images_seen": state.images_seen, "steps": state.step_count} | timer.summary(state.images_seen)
 

@@ -16,6 +16,7 @@ from pipeline.checkpoint import checkpoint_name
 from pipeline.config import Settings
 from pipeline.ddpm.sampler import sample, to_uint8
 from pipeline.grid import grid_png
+from pipeline.tracking import NOTE_TAG
 from pipeline.train import dist
 from pipeline.train.state import StepResult, TrainState
 
@@ -23,7 +24,8 @@ QUARTILE_NAMES = ("q1", "q2", "q3", "q4")
 
 
 def log_run_start(tracker, settings: Settings, reader, world: int) -> None:
-    """A new run's settings (params and config.json), noise schedule (figure and values) and provenance."""
+    """A new run's settings (params and config.json), noise schedule (figure and values), provenance, and
+    what the run page shows: source tags, the training and evaluation data as dataset inputs, a description."""
     if tracker is None:
         return
     schedule = settings.diffusion.build()
@@ -31,7 +33,38 @@ def log_run_start(tracker, settings: Settings, reader, world: int) -> None:
     tracker.log_settings(settings, used)
     tracker.log_bytes(schedule_figure(schedule), "schedule.png", "schedule")
     tracker.log_bytes(json.dumps(schedule.to_dict() | schedule.curves()).encode(), "schedule.json", "schedule")
-    tracker.log_bytes(json.dumps(provenance(settings, reader, world), indent=2).encode(), "provenance.json")
+    prov = provenance(settings, reader, world)
+    tracker.log_bytes(json.dumps(prov, indent=2).encode(), "provenance.json")
+    tags = {"mlflow.source.name": "jobs/train.py", "mlflow.source.type": "JOB"}
+    tags |= {"mlflow.source.git.commit": prov["git_commit"]} if prov["git_commit"] else {}
+    tracker.set_tags(tags | {NOTE_TAG: run_description(settings, reader, world)})
+    tracker.log_datasets(datasets(settings, reader))
+
+
+def datasets(settings: Settings, reader) -> list[tuple[str, str, str, str]]:
+    """(name, URL, digest, context) of the training split and, when the data has one, the evaluation split."""
+    from pipeline.data.manifest import open_manifest
+
+    out = [(f"{settings.data.url}/train", reader.manifest.base_url, reader.manifest.digest, "training")]
+    try:
+        m = open_manifest(settings.data.url, settings.storage, "eval")
+        out.append((f"{settings.data.url}/eval", m.base_url, m.digest, "evaluation"))
+    except Exception:  # no evaluation split: the run page lists the training data only
+        pass
+    return out
+
+
+def run_description(settings: Settings, reader, world: int, final_loss: float | None = None) -> str:
+    """The run page's description: what was trained on what, where the grids are, the final loss when done."""
+    d, t, m = settings.data, settings.train, reader.manifest
+    text = (
+        f"DDPM, `{settings.model.preset}` U-Net, {settings.diffusion.num_timesteps}-step "
+        f"{settings.diffusion.schedule} schedule, {settings.diffusion.objective} objective; trained on "
+        f"{d.url} ({m.num_samples:,} images, {d.image_size}x{d.image_size}x{d.channels}) for "
+        f"{t.total_images:,} images on {world} worker(s), batch {t.batch_size}, lr {t.lr:g}.\n\n"
+        "Sample grids: artifacts `samples/`; sampling checkpoints: `checkpoints/` (`jobs/sample.py --run-id`)."
+    )
+    return text + (f"\n\nFinal training loss: {final_loss:.4f}." if final_loss is not None else "")
 
 
 class MetricLogger:
@@ -40,6 +73,7 @@ class MetricLogger:
 
     def __init__(self, tracker, *, tracking: bool, num_timesteps: int) -> None:
         self.tracker, self.tracking, self.num_timesteps = tracker, tracking, num_timesteps
+        self.last_loss: float | None = None  # the loss of the last log step (rank 0)
 
     def log(self, state: TrainState, r: StepResult, images: int, epoch: int, images_per_s: float) -> None:
         if not self.tracking:
@@ -47,8 +81,9 @@ class MetricLogger:
         loss_sum = dist.all_reduce_sum(r.per_sample.sum().double().reshape(1))
         if self.tracker is None:
             return
+        self.last_loss = float(loss_sum) / max(images, 1)
         metrics = {
-            "train/loss": float(loss_sum) / max(images, 1),
+            "train/loss": self.last_loss,
             "train/lr": r.lr,
             "train/grad_norm": r.grad_norm if r.applied else -1.0,
             "train/images_per_s": images_per_s,
@@ -146,6 +181,61 @@ class StepTimer:
     def overheads(self) -> dict[str, float]:
         wall = time.perf_counter() - self.start
         return {f"train/overhead_{k}_frac": self.side_s[k] / max(wall, 1e-9) for k in ("tracking", "checkpoint")}
+
+
+class Progress:
+    """The operator's view of a run: one line every ``every_s`` seconds of wall clock (and a last one
+    when training ends) with images seen of the total, loss, images/s, ETA and the last checkpoint.
+
+    The loop asks ``due()`` after each step, a clock read; only when it is due does it read the step's
+    loss from the device, so a line costs one device wait per interval. Lines end in a newline and
+    never a carriage return: ``ray job logs`` and captured output show them as they are.
+    """
+
+    def __init__(self, total: int, every_s: float, images_seen: int = 0, *, clock=time.monotonic, out=print) -> None:
+        self.total, self.every_s, self.clock, self.out = total, every_s, clock, out
+        now = clock()
+        self.start = (now, images_seen)  # the average since here gives the ETA
+        self.last = (now, images_seen)  # the previous line: images/s over the interval
+        self.checkpoint: tuple[int, float] | None = None  # images seen at the last checkpoint, its clock
+
+    def due(self) -> bool:
+        return self.clock() - self.last[0] >= self.every_s
+
+    def checkpointed(self, images_seen: int) -> None:
+        self.checkpoint = (images_seen, self.clock())
+
+    def report(self, images_seen: int, loss: float) -> str:
+        """Print (and return) the line for now; the next one is due ``every_s`` later."""
+        line = self.line(images_seen, loss)
+        self.last = (self.clock(), images_seen)
+        self.out(line, flush=True)
+        return line
+
+    def line(self, images_seen: int, loss: float) -> str:
+        now = self.clock()
+        (t0, n0), (t1, n1) = self.start, self.last
+        rate = (images_seen - n1) / max(now - t1, 1e-9)
+        average = (images_seen - n0) / max(now - t0, 1e-9)
+        left = max(self.total - images_seen, 0)
+        eta = "done" if not left else f"ETA {duration(left / average)}" if average > 0 else "ETA ?"
+        ckpt = "none yet"
+        if self.checkpoint:
+            ckpt = f"{self.checkpoint[0]:,} images, {duration(now - self.checkpoint[1])} ago"
+        return (
+            f"[train] {images_seen:,}/{self.total:,} images ({100 * images_seen / self.total:.1f}%) | "
+            f"loss {loss:.4f} | {rate:,.0f} images/s | {eta} | last checkpoint {ckpt}"
+        )
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def schedule_figure(schedule) -> bytes:

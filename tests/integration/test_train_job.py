@@ -108,7 +108,8 @@ def artifacts(client, run_id, path=None):
 @pytest.fixture(scope="module")
 def uninterrupted(stack, digits_shards):
     name = f"test-a-{uuid.uuid4().hex[:6]}"
-    status, logs = submit(stack.env, COMMON + ["--train.run-name", name, "--train.total-images", "1600"])
+    args = COMMON + ["--train.run-name", name, "--train.total-images", "1600", "--train.progress-every-s", "1"]
+    status, logs = submit(stack.env, args)
     assert status == "SUCCEEDED", logs[-4000:]
     return name, logs
 
@@ -116,6 +117,11 @@ def uninterrupted(stack, digits_shards):
 def test_two_worker_run_checkpoints_and_tracks(stack, uninterrupted):
     name, logs = uninterrupted
     assert "world_size=2" in logs
+    # What the operator reads: progress lines (the last at the total), no report dumps, no watcher error.
+    assert "waiting for 2 Ray Train workers (1 CPU each)" in logs
+    progress = [line for line in logs.splitlines() if "/1,600 images (" in line]
+    assert progress and "| done |" in progress[-1] and "last checkpoint 1,6" in progress[-1], logs[-3000:]
+    assert "\r" not in logs and "TrainingReport(" not in logs and "PreemptionWatcher" not in logs, logs[-3000:]
     keys = s3_checkpoints(stack.env, name)
     ckpt_dirs = sorted({k.split("/")[2] for k in keys if k.split("/")[2].startswith("images_")})
     assert len(ckpt_dirs) == 2, keys  # keep_checkpoints=2: the older ones were deleted
@@ -143,6 +149,17 @@ def test_two_worker_run_checkpoints_and_tracks(stack, uninterrupted):
     model_for_sampling(state)
     prov = json.loads(Path(client.download_artifacts(run.info.run_id, "provenance.json")).read_text())
     assert prov["world_size"] == 2 and prov["packages"]["torch"] and prov["dataset_manifest_sha256"]
+    # The run page: data inputs with the manifest digest, source tags, a description, system metrics.
+    inputs = {i.dataset.name: i for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    train = inputs[f"{DATA_URL}/train"]
+    assert train.dataset.digest == prov["dataset_manifest_sha256"] and DATA_URL in train.dataset.source
+    assert [t.value for t in train.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert [t.value for t in inputs[f"{DATA_URL}/eval"].tags if t.key == "mlflow.data.context"] == ["evaluation"]
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["mlflow.source.name"] == "jobs/train.py" and tags["mlflow.source.type"] == "JOB"
+    assert "mlflow.source.git.commit" in tags or prov["git_commit"] is None
+    assert DATA_URL in tags["mlflow.note.content"] and "Final training loss" in tags["mlflow.note.content"]
+    assert any(k.startswith("system/") for k in client.get_run(run.info.run_id).data.metrics)
 
 
 def test_resume_equals_uninterrupted(stack, uninterrupted):
