@@ -14,6 +14,7 @@ synchronously: there a failure must stop the job with a message naming the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -138,6 +139,10 @@ class Tracker:
         """Flush everything (bounded by ``timeout``), then end the thread."""
         if system := getattr(self, "_system", None):
             system.finish()
+            with contextlib.suppress(Exception):  # what it sampled since its last log (all of a short run)
+                if last := system.aggregate_metrics():
+                    system.publish_metrics(last)
+                    system.mlflow_logger.flush()
         if status:
             self._q.put(("status", status))
         self._q.put(("flush", None))
