@@ -3,11 +3,12 @@
 
     python jobs/sample.py --run-id RUN [--num-images 1000] [--sample.method ddim --sample.steps 50 |
                           --sample.method ancestral] [--checkpoint latest|images_<N>] [--no-ema] [--workers N] ...
+    python jobs/sample.py --model models:/NAME@champion | models:/NAME/VERSION [--promote ALIAS] ...
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/sample.py --run-id RUN
 
 Prints the summary (artifacts, metrics, cost) as JSON. The work is ``pipeline.sample.evaluate``;
-see docs/sampling.md. Exit status: 0 done, 1 the run / checkpoint / data / cluster cannot be used
-(the message says which), 2 invalid configuration (the message names the field).
+see docs/sampling.md. Exit status: 0 done, 1 the run / model / checkpoint / data / cluster cannot be
+used (the message says which), 2 invalid configuration (the message names the field).
 """
 
 from __future__ import annotations

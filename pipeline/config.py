@@ -146,6 +146,12 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(
         3, ge=1, description="non-finite losses in a row before rolling back to the last checkpoint"
     )
+    register_as: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="registered MLflow model that a finished run adds a version to; "
+        "default ddpm-<last part of data.url>",
+    )
 
     @model_validator(mode="after")
     def _resume_needs_name(self) -> TrainConfig:

@@ -37,7 +37,16 @@ from pipeline.ddpm.sampler import SamplerOptions
 from pipeline.ddpm.schedule import NoiseSchedule
 from pipeline.grid import make_grid
 from pipeline.sample.pool import PoolError, PoolStats, SamplingPool, SeedBatch, make_batches
-from pipeline.tracking import CHECKPOINT_DIR, TrackedRun, TrackingError, eval_metric_key
+from pipeline.tracking import (
+    CHECKPOINT_DIR,
+    MODEL_URI_RE,
+    TAG_CHECKPOINT,
+    TrackedRun,
+    TrackingError,
+    eval_metric_key,
+    model_version,
+    promote_if_better,
+)
 
 # Cost figures also logged as MLflow metrics (all of them are in metrics.json).
 METRIC_COST_KEYS = (
@@ -56,7 +65,23 @@ OUTPUT_FILES = ("grid.png", "samples.npz", "settings.json", "metrics.json")
 class SampleSettings(JobSettings):
     """Sample images from a training run's checkpoint and log them, their cost and their quality to its MLflow run."""
 
-    run_id: str = Field(..., description="MLflow run id of the training run (its checkpoints and config are used)")
+    run_id: str | None = Field(
+        None, description="MLflow run id of the training run (its checkpoints and config are used); or --model"
+    )
+    model: str | None = Field(
+        None,
+        description="registered model version to evaluate, models:/NAME/VERSION or models:/NAME@ALIAS: its source "
+        "run and checkpoint are used and the results land in that run; or --run-id",
+    )
+    promote: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]{1,100}$",
+        description="with --model: set this alias (e.g. champion) on the version if its Frechet distance is lower "
+        "than the current holder's (same sampler; no holder: promote); the decision is in the summary",
+    )
+    image_size: int | None = Field(
+        None, ge=1, description="refuse a checkpoint or model that makes images of another size (pixels)"
+    )
     num_images: int = Field(1000, ge=1, description="images to generate (seeds first_seed .. first_seed+num_images-1)")
     batch_size: int = Field(
         256, ge=1, description="seeds per batch handed to an actor (results come back batch by batch)"
@@ -113,6 +138,23 @@ class SampleSettings(JobSettings):
         if v >= 2**62:
             raise ValueError("must be below 2**62")
         return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_uri(cls, v: str | None) -> str | None:
+        if v is not None and not MODEL_URI_RE.match(v):
+            raise ValueError(f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SampleSettings:
+        if (self.run_id is None) == (self.model is None):
+            raise ValueError("run_id / model: give exactly one of --run-id RUN or --model models:/NAME/VERSION")
+        if self.promote and not self.model:
+            raise ValueError("promote: sets an alias of a registered model version; evaluate it with --model")
+        if self.promote and not self.quality:
+            raise ValueError("promote: the decision needs the quality metric; drop --no-quality")
+        return self
 
     @model_validator(mode="after")
     def _enough_for_quality(self) -> SampleSettings:
@@ -237,6 +279,17 @@ def check_data_for_quality(data: dict[str, Any], ckpt: Checkpoint, run_id: str) 
         )
 
 
+def _other_sizes(s: SampleSettings) -> str:
+    """For a model: its registered versions and the image sizes they make."""
+    if not s.model:
+        return ""
+    from pipeline.tracking import registered_versions
+
+    name = MODEL_URI_RE.match(s.model)["name"]
+    have = [f"{v.version} ({v.tags.get('ddpm.image_size', '?')} px)" for v in registered_versions(s.tracking.uri, name)]
+    return f"; versions of {name!r}: {', '.join(have)}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Sampling on Ray
 
@@ -359,7 +412,20 @@ def evaluate(s: SampleSettings, *, after_batch: Callable | None = None, log: Cal
         )
     with _work_dir(s.work_dir) as work:
         try:
-            return _evaluate(s, work, after_batch=after_batch, log=log)
+            version = None
+            if s.model:
+                # A model version is its source run's checkpoint: evaluate that, into that run.
+                version = model_version(s.tracking.uri, s.model)
+                s = s.model_copy(update={"run_id": version.run_id, "checkpoint": version.tags[TAG_CHECKPOINT]})
+            summary = _evaluate(s, work, after_batch=after_batch, log=log)
+            if version is not None:
+                summary["model"] = {"uri": s.model, "name": version.name, "version": version.version}
+            if s.promote:
+                key = next(k for k in summary["metrics"] if re.fullmatch(r".*/fd_[a-z0-9]+", k))
+                summary["promotion"] = promote_if_better(
+                    s.tracking.uri, version, s.promote, key, summary["metrics"][key]
+                )
+            return summary
         except (TrackingError, DataError) as e:
             raise JobError(str(e)) from None
 
@@ -371,6 +437,12 @@ def _evaluate(s: SampleSettings, work: Path, *, after_batch: Callable | None, lo
     run = TrackedRun(s.tracking.uri, s.run_id)
     artifact = choose_checkpoint(run.checkpoints(), s.checkpoint, s.run_id)
     ckpt = load_checkpoint(run, artifact, work / "download", s.ema)
+    if s.image_size is not None and ckpt.shape_hwc[0] != s.image_size:
+        size, _, channels = ckpt.shape_hwc
+        raise JobError(
+            f"{s.model or f'MLflow run {s.run_id!r}'} ({artifact}) makes {size}x{size}x{channels} images, "
+            f"not {s.image_size}x{s.image_size} as asked (--image-size)" + _other_sizes(s)
+        )
     T = ckpt.schedule.num_timesteps
     if s.sample.method == "ddim" and s.sample.steps > T:
         raise ConfigError(

@@ -80,8 +80,10 @@ def log_as_training_run(
     experiment: str = "ddpm",
     run_name: str | None = None,
     checkpoint: bool = True,
+    register_as: str | None = None,
 ) -> str:
-    """The MLflow run id of a new run for ``state``, logged as the training job logs one (finished)."""
+    """The MLflow run id of a new run for ``state``, logged as the training job logs one (finished);
+    with ``register_as``, its model is registered as the training job registers it."""
     from pipeline.checkpoint import sampling_export
     from pipeline.config import Settings
     from pipeline.tracking import Tracker, find_or_create_run
@@ -104,7 +106,7 @@ def log_as_training_run(
                 "cosine_s": sd["cosine_s"],
                 "objective": state.cfg.objective,
             },
-            "train": {"run_name": run_name, "total_images": max(state.images_seen, 1)},
+            "train": {"run_name": run_name, "total_images": max(state.images_seen, 1), "register_as": register_as},
             "tracking": {"uri": tracking_uri, "experiment": experiment},
         }
     )
@@ -114,4 +116,8 @@ def log_as_training_run(
     if checkpoint:
         tracker.log_checkpoint(state.images_seen, sampling_export(state.state_dict()))
     tracker.close(status="FINISHED")
+    if register_as:
+        from pipeline.sample.model import register
+
+        register(settings, run_id)
     return run_id

@@ -143,7 +143,16 @@ def launch(settings: Settings, mlflow_run_id: str | None):
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     each = "one GPU" if use_gpu else f"{settings.cluster.threads_per_worker} CPU"
     print(f"waiting for {settings.cluster.num_workers} Ray Train workers ({each} each) to start ...", flush=True)
-    return trainer.fit()
+    result = trainer.fit()
+    if mlflow_run_id and result.error is None:  # a failed or diverged run registers nothing
+        from pipeline.sample.model import register
+        from pipeline.tracking import TrackingError
+
+        try:
+            register(settings, mlflow_run_id)
+        except TrackingError as e:  # the run and its checkpoints are there; only the registry entry is missing
+            print(f"WARNING: {e}", flush=True)
+    return result
 
 
 def run_page(settings: Settings, mlflow_run_id: str) -> str:
