@@ -30,7 +30,7 @@ def test_help_runs_as_a_script():
     assert out.returncode == 0, out.stderr
     for flag in ("--run-id", "--num-images", "--batch-size", "--chunk", "--sample.method", "--sample.steps",
                  "--sample.eta", "--sample.clip, --no-sample.clip", "--sample.variance", "--first-seed", "--workers",
-                 "--checkpoint", "--ema, --no-ema", "--dry-run", "--storage.endpoint-url", "--tracking.uri",
+                 "--checkpoint", "--ema, --no-ema", "--model", "--promote", "--image-size", "--dry-run", "--storage.endpoint-url", "--tracking.uri",
                  "--cluster.address"):  # fmt: skip
         assert flag in out.stdout, flag
 
@@ -44,6 +44,11 @@ def test_help_runs_as_a_script():
         (["--run-id", "r", "--checkpoint", "best"], "checkpoint"),
         (["--run-id", "r", "--name", "a/b"], "name"),
         (["--run-id", "r", "--workers", "0"], "workers"),
+        (["--run-id", "r", "--model", "models:/m/1"], "exactly one"),
+        (["--model", "runs:/abc/model"], "model"),
+        (["--model", "models:/m@champion", "--promote", "champion", "--no-quality"], "promote"),
+        (["--run-id", "r", "--promote", "champion"], "promote"),
+        (["--model", "models:/m/1", "--promote", "a b"], "promote"),
     ],
 )
 def test_config_errors_exit_2_naming_the_field(argv, field, capsys):
