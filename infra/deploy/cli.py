@@ -1,0 +1,196 @@
+"""The command line: render KubeRay manifests or `ray up` configs from the training flags, check files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from infra.deploy import check, kuberay, rayup
+from infra.deploy.job import parse_train_flags
+from pipeline.config import ConfigError
+
+EPILOG = "Everything after `--` is a jobs/train.py flag, validated by the pipeline's own settings."
+
+
+def _dump(docs: list[dict]) -> str:
+    return yaml.safe_dump_all(docs, sort_keys=False, width=1000)
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def _kuberay(args, train_flags: list[str]) -> int:
+    job = parse_train_flags(train_flags, args.gpus_per_node)
+    selector = dict(kv.split("=", 1) for kv in args.node_selector)
+    opts = kuberay.KubeRayOptions(
+        name=args.name,
+        image=args.image,
+        namespace=args.namespace,
+        secret_name=args.secret_name,
+        ray_version=args.ray_version,
+        socket_ifname=args.socket_ifname,
+        worker_cpu=args.worker_cpu,
+        worker_memory=args.worker_memory,
+        head_cpu=args.head_cpu,
+        head_memory=args.head_memory,
+        shm_size=args.shm_size,
+        ttl_seconds=args.ttl_seconds,
+        active_deadline_seconds=args.active_deadline_seconds,
+        node_selector=selector,
+    )
+    docs = [kuberay.ray_job(job, opts) if args.kind == "rayjob" else kuberay.ray_cluster(job, opts)]
+    if args.secret_template:
+        docs.insert(0, kuberay.secret_template(opts))
+    check.check_documents(docs, f"rendered {args.kind}")  # refused here, before anything is written
+    text = _dump(docs)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        _write(Path(args.out), text)
+        print(
+            f"wrote {args.out}: {args.kind} {args.name!r}, {job.nodes} pod(s) x {job.gpus_per_node} GPU(s)",
+            file=sys.stderr,
+        )
+    if args.kind == "raycluster":
+        print(f"submit with: ray job submit -- {job.entrypoint()}", file=sys.stderr)
+    return 0
+
+
+def _ray_up(args, train_flags: list[str]) -> int:
+    job = parse_train_flags(train_flags, args.gpus_per_node)
+    out = Path(args.out).expanduser().resolve()
+    env_path = out / f"{args.cluster_name}.env"
+    if args.provider == "aws":
+        if not args.image or not args.ami:
+            raise ConfigError(
+                "ray-up aws needs --image (built from infra/Dockerfile) and --ami (a GPU AMI of --region)"
+            )
+        opts = rayup.AwsOptions(
+            cluster_name=args.cluster_name,
+            image=args.image,
+            ami=args.ami,
+            region=args.region,
+            instance_type=args.instance_type,
+            head_instance_type=args.head_instance_type,
+            cpus_per_node=args.cpus_per_node,
+        )
+        config = rayup.aws_config(job, opts, str(env_path))
+    else:
+        if not args.head_ip or not args.worker_ips or not args.ssh_user:
+            raise ConfigError("ray-up local needs --head-ip, --worker-ips and --ssh-user")
+        opts = rayup.LocalOptions(
+            cluster_name=args.cluster_name,
+            head_ip=args.head_ip,
+            worker_ips=tuple(args.worker_ips.split(",")),
+            ssh_user=args.ssh_user,
+            ssh_private_key=args.ssh_private_key,
+        )
+        config = rayup.local_config(job, opts, str(env_path))
+    given = {k: os.environ[k] for k in rayup.SECRET_VARS if args.secrets_from_env and os.environ.get(k)}
+    given.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    env = rayup.node_env(job, args.socket_ifname, given)
+    config_path = out / f"{args.cluster_name}.yaml"
+    staged = out / f".{args.cluster_name}.yaml.check"
+    _write(staged, config)
+    try:
+        problems = check.ray_up_problems([staged])[staged]
+    finally:
+        staged.unlink()
+    if problems:
+        raise check.CheckError("\n".join(f"rendered ray up config: {p}" for p in problems))
+    _write(config_path, config)
+    _write(env_path, env, 0o600)
+    missing = [k for k in rayup.SECRET_VARS if not given.get(k)]
+    print(f"wrote {config_path} ({job.nodes} GPU node(s) x {job.gpus_per_node}) and {env_path} (0600)")
+    if missing:
+        print(f"fill in {', '.join(missing)} in {env_path} before `ray up`")
+    print("then:")
+    print(f"  ray up -y {shlex.quote(str(config_path))}")
+    print(f"  ray dashboard {shlex.quote(str(config_path))} &     # forwards the dashboard to localhost:8265")
+    print(f"  set -a; . {shlex.quote(str(env_path))}; set +a      # RAY_AUTH_MODE/RAY_AUTH_TOKEN for the client")
+    print(f"  ray job submit --address http://127.0.0.1:8265 -- {job.entrypoint()}")
+    return 0
+
+
+def _check(args) -> int:
+    bad = 0
+    for name, problems in check.files_problems([Path(f) for f in args.files]).items():
+        if problems:
+            bad += 1
+            print("\n".join(problems))
+        else:
+            print(f"ok {name}")
+    return 1 if bad else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infra.deploy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    k = sub.add_parser("kuberay", help="a RayJob (or RayCluster) for GPU training workers", epilog=EPILOG)
+    k.add_argument("--image", required=True, help="the project's image (infra/Dockerfile)")
+    k.add_argument("--namespace", default="default")
+    k.add_argument("--name", default="ddpm-train", help="RayJob/RayCluster name (DNS-1035; a RayJob <= 47 chars)")
+    k.add_argument("--kind", choices=["rayjob", "raycluster"], default="rayjob")
+    k.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per worker pod; pods = workers / this")
+    k.add_argument("--worker-cpu", default="8")
+    k.add_argument("--worker-memory", default="64Gi")
+    k.add_argument("--head-cpu", default="4")
+    k.add_argument("--head-memory", default="16Gi")
+    k.add_argument("--shm-size", default="16Gi", help="size of the /dev/shm memory volume of each pod")
+    k.add_argument("--secret-name", default="ddpm-secrets", help="Secret with S3 keys and the Ray token")
+    k.add_argument("--secret-template", action="store_true", help="also emit that Secret with empty values")
+    k.add_argument("--socket-ifname", default="eth0", help="pod network interface for gloo/NCCL")
+    k.add_argument("--ray-version", default="2.60.0")
+    k.add_argument("--ttl-seconds", type=int, default=600, help="delete the cluster this long after the job")
+    k.add_argument("--active-deadline-seconds", type=int, default=None)
+    k.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE", help="for the GPU pods")
+    k.add_argument("-o", "--out", default="-", help="output file (default: stdout)")
+
+    r = sub.add_parser("ray-up", help="a `ray up` config for AWS GPU instances or your own hosts", epilog=EPILOG)
+    r.add_argument("provider", choices=["aws", "local"])
+    r.add_argument("--cluster-name", default="ddpm")
+    r.add_argument("--gpus-per-node", type=int, default=1)
+    r.add_argument("--socket-ifname", default="ens5", help="the nodes' network interface for gloo/NCCL")
+    r.add_argument("--out", default="~/.ddpm/clusters", help="folder for <cluster>.yaml and <cluster>.env")
+    r.add_argument("--secrets-from-env", action="store_true", help="copy AWS keys and RAY_AUTH_TOKEN from here")
+    r.add_argument("--image", help="aws: the project's image (infra/Dockerfile)")
+    r.add_argument("--ami", help="aws: GPU AMI with Docker and the NVIDIA container toolkit")
+    r.add_argument("--region", default="us-west-2")
+    r.add_argument("--instance-type", default="g5.xlarge")
+    r.add_argument("--head-instance-type", default="m5.2xlarge")
+    r.add_argument("--cpus-per-node", type=int, default=None, help="aws: Ray CPUs per GPU node (default 4 per GPU)")
+    r.add_argument("--head-ip", help="local: the head host")
+    r.add_argument("--worker-ips", help="local: comma-separated GPU hosts, one per node")
+    r.add_argument("--ssh-user", help="local: SSH user on every host")
+    r.add_argument("--ssh-private-key", default="~/.ssh/id_rsa")
+
+    c = sub.add_parser("check", help="validate manifests and `ray up` configs offline")
+    c.add_argument("files", nargs="+")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, train_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = parser().parse_args(own)
+    try:
+        if args.command == "check":
+            return _check(args)
+        if args.command == "kuberay":
+            return _kuberay(args, train_flags)
+        return _ray_up(args, train_flags)
+    except (ConfigError, check.CheckError) as e:
+        print(e, file=sys.stderr)
+        return 2
