@@ -227,6 +227,11 @@ class ClusterConfig(Section):
     max_failures: int = Field(
         2, ge=0, description="worker-group restarts after a failure (resuming from the last checkpoint)"
     )
+    socket_ifname: str | None = Field(
+        None,
+        description="network interface DDP uses between hosts (GLOO_/NCCL_SOCKET_IFNAME on every worker, e.g. eth0); "
+        "None: the library's choice (the hostname's address)",
+    )
 
 
 ENV_FILE_VAR = "DDPM_ENV_FILE"

@@ -110,3 +110,28 @@ def s3(request, stack: RunningStack) -> Iterator[SimpleNamespace]:
     root = f"s3://ddpm-data/{module}-{uuid.uuid4().hex[:10]}"
     yield SimpleNamespace(storage=storage, root=root, env=stack.env)
     delete_urls(list(list_urls(root, storage)), storage)
+
+
+# ==================================================================================================
+# A real two-host Ray cluster (tests/integration/multihost.py): a head with its own stack bound to a
+# veth address, a worker node in its own network, PID and mount namespaces. Needs root.
+#
+#   def test_x(two_hosts):   # two_hosts.env (client env), .gcs, .kill_node(), .start_node(), .nodes()
+#
+# One cluster per test module; stopped (by PID and namespace name) when the module ends, also after
+# a failure. Without root: skipped with the reason, failed under CI=true.
+# ==================================================================================================
+
+
+@pytest.fixture(scope="module")
+def two_hosts(request):
+    from tests.integration.multihost import TwoHosts, can_make_namespaces
+
+    if reason := can_make_namespaces():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the two-host cluster cannot be made here: {reason}")
+        pytest.skip(f"two-host cluster: {reason}")
+    hosts = TwoHosts()
+    request.addfinalizer(hosts.stop)
+    hosts.start()
+    return hosts

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 
 from infra.stack.config import (
     DEFAULT_PORTS,
     DEFAULT_STATE_DIR,
+    HOST,
+    HOST_ENV,
     OFFSET_ENV,
     PORT_ENV,
     SERVICES,
@@ -18,6 +21,7 @@ from infra.stack.config import (
     StackError,
     load_env,
 )
+from infra.stack.node import JoinConfig, join, read_token
 from infra.stack.services import Stack
 
 
@@ -32,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", parents=[common, only], help="start or reuse the stack and wait until it is ready")
+    up.add_argument(
+        "--host",
+        help=f"address every service binds to (${HOST_ENV}, default {HOST}); another address of this machine "
+        "lets other hosts join (MLflow then asks for a login, see env)",
+    )
     up.add_argument("--port-offset", type=int, help=f"added to every default port (${OFFSET_ENV})")
     for name, var in PORT_ENV.items():
         up.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"${var}, default {DEFAULT_PORTS[name]}")
@@ -40,12 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", parents=[common], help="health and URL of each service (exit 1 if any is down)")
     st.add_argument("--json", action="store_true")
     sub.add_parser("env", parents=[common], help="print `export K=V` lines for a shell to source")
+    jn = sub.add_parser("join", help="run a Ray worker node on this host, joined to a stack's head (blocks)")
+    jn.add_argument("--head", required=True, help="the head's GCS address IP:PORT (its `up --host` and Ray port)")
+    jn.add_argument("--node-ip", required=True, help="this host's address that the head can reach")
+    jn.add_argument("--token-file", help="the head's <state dir>/ray-auth-token (or set $RAY_AUTH_TOKEN)")
+    jn.add_argument("--num-cpus", type=int)
+    jn.add_argument("--num-gpus", type=int)
+    jn.add_argument("--temp-dir", help="Ray's session directory on this host")
     return parser
 
 
 def _up(args: argparse.Namespace) -> int:
     ports = {n: getattr(args, n) for n in PORT_ENV}
-    stack = Stack(StackConfig.resolve(state_dir=args.state_dir, port_offset=args.port_offset, **ports))
+    config = StackConfig.resolve(state_dir=args.state_dir, port_offset=args.port_offset, host=args.host, **ports)
+    stack = Stack(config)
     result = stack.up(timeout=args.timeout, services=args.only.split(","), say=lambda m: print(m, flush=True))
     print(
         f"stack up in {result.seconds:.1f} s (started: {', '.join(result.started) or '-'}; "
@@ -74,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             return _up(args)
+        if args.command == "join":
+            cfg = JoinConfig(args.head, args.node_ip, args.num_cpus, args.num_gpus, args.temp_dir)
+            join(cfg, read_token(args.token_file, os.environ))
+            return 0
         stack = Stack.from_state_dir(args.state_dir)
         if args.command == "down":
             stopped = stack.down(services=args.only.split(","))

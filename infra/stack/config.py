@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import tempfile
@@ -35,6 +36,7 @@ PORT_ENV = {
 }
 OFFSET_ENV = "DDPM_STACK_PORT_OFFSET"
 STATE_ENV = "DDPM_STACK_DIR"
+HOST_ENV = "DDPM_STACK_HOST"
 
 
 class StackError(RuntimeError):
@@ -56,9 +58,16 @@ class StackConfig:
     ray_port: int = DEFAULT_PORTS["ray_port"]
     weed_port_base: int = DEFAULT_PORTS["weed_port_base"]
     num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # The address every service binds to. Beyond loopback, other hosts can join the Ray head and
+    # reach S3 and MLflow: each then asks for credentials (S3 keys, the Ray token, MLflow basic auth).
+    host: str = HOST
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser().resolve())
+        try:
+            ipaddress.IPv4Address(self.host)
+        except ValueError:
+            raise ValueError(f"stack host must be an IPv4 address of this machine, not {self.host!r}") from None
         named = {k: v for group in self.service_ports().values() for k, v in group.items()}
         if len(set(named.values())) != len(named):
             raise ValueError(f"stack ports overlap: {self.service_ports()}")
@@ -71,6 +80,7 @@ class StackConfig:
         state_dir: str | Path | None = None,
         port_offset: int | None = None,
         environ: Mapping[str, str] | None = None,
+        host: str | None = None,
         **ports: int | None,
     ) -> StackConfig:
         """Explicit arguments win, then DDPM_STACK_* variables, then defaults shifted by the offset."""
@@ -82,7 +92,12 @@ class StackConfig:
             values[name] = int(given if given is not None else env.get(PORT_ENV[name]) or default + offset)
         if ports:
             raise TypeError(f"unknown port arguments: {sorted(ports)}")
-        return cls(state_dir=resolve_state_dir(state_dir, env), **values)
+        host = host or env.get(HOST_ENV) or HOST
+        return cls(state_dir=resolve_state_dir(state_dir, env), host=host, **values)
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
 
     @property
     def ray_client_port(self) -> int:
@@ -123,9 +138,9 @@ class StackConfig:
     @property
     def urls(self) -> dict[str, str]:
         return {
-            "s3": f"http://{HOST}:{self.s3_port}",
-            "mlflow": f"http://{HOST}:{self.mlflow_port}",
-            "ray": f"http://{HOST}:{self.ray_dashboard_port}",
+            "s3": f"http://{self.host}:{self.s3_port}",
+            "mlflow": f"http://{self.host}:{self.mlflow_port}",
+            "ray": f"http://{self.host}:{self.ray_dashboard_port}",
         }
 
     @property
@@ -142,6 +157,20 @@ class StackConfig:
 
 
 # ---------------------------------------------------------------- private files in the state dir
+
+
+def check_bind_address(host: str) -> None:
+    """Refuse an address that no interface of this machine holds (nothing could listen there)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            raise StackError(
+                f"cannot bind to {host}: it is not an address of this machine ({e.strerror}); "
+                "give 127.0.0.1 or the address of one of its interfaces (`ip -4 addr`)"
+            ) from None
 
 
 def write_private(path: Path, text: str) -> None:

@@ -29,6 +29,7 @@ from infra.stack.config import (
     SERVICES,
     StackConfig,
     StackError,
+    check_bind_address,
     read_private,
     resolve_state_dir,
     write_private,
@@ -99,6 +100,7 @@ class Stack:
         self.config_file, self.credentials_file = d / "stack.json", d / "credentials.json"
         self.s3_config_file, self.ray_token_file = d / "s3-identities.json", d / "ray-auth-token"
         self.weed_dir, self.mlflow_db = d / "s3", d / "mlflow" / "mlflow.db"
+        self.mlflow_auth_file = d / "mlflow" / "basic-auth.ini"
 
     @classmethod
     def from_state_dir(cls, state_dir: str | Path | None = None) -> Stack:
@@ -125,6 +127,19 @@ class Stack:
             key = "DDPM" + "".join(secrets.choice(alphabet) for _ in range(16))
             write_private_json(self.credentials_file, {"access_key": key, "secret_key": secrets.token_urlsafe(30)})
         creds = self._credentials()
+        if "mlflow_password" not in creds:
+            creds |= {"mlflow_username": "admin", "mlflow_password": secrets.token_urlsafe(24)}
+            creds |= {"mlflow_csrf_key": secrets.token_urlsafe(32)}  # the auth app's form (CSRF) signing key
+            write_private_json(self.credentials_file, creds)
+        if self.mlflow_auth:
+            # MLflow's basic-auth app creates this admin on its first start; nobody else gets any permission.
+            write_private(
+                self.mlflow_auth_file,
+                "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                f"database_uri = sqlite:///{self.mlflow_db.parent / 'basic-auth.db'}\n"
+                f"admin_username = {creds['mlflow_username']}\nadmin_password = {creds['mlflow_password']}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+            )
         identity = {
             "name": "ddpm",
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
@@ -136,6 +151,17 @@ class Stack:
 
     def _credentials(self) -> dict[str, str]:
         return json.loads(read_private(self.credentials_file))
+
+    @property
+    def mlflow_auth(self) -> bool:
+        """MLflow asks for a login when it listens beyond loopback (other hosts could reach it)."""
+        return not self.config.loopback
+
+    def _mlflow_server_auth(self) -> dict[str, str]:
+        if not self.mlflow_auth:
+            return {}
+        key = self._credentials()["mlflow_csrf_key"]
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(self.mlflow_auth_file), "MLFLOW_FLASK_SERVER_SECRET_KEY": key}
 
     def _ray_token(self) -> str:
         return read_private(self.ray_token_file).strip()
@@ -153,17 +179,25 @@ class Stack:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self._ray_token(),
             "DDPM_STACK_DIR": str(self.config.state_dir),
+        } | self._mlflow_login(creds)
+
+    def _mlflow_login(self, creds: Mapping[str, str]) -> dict[str, str]:
+        if not self.mlflow_auth:
+            return {}
+        return {
+            "MLFLOW_TRACKING_USERNAME": creds["mlflow_username"],
+            "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"],
         }
 
     # ---- commands
 
     def _command(self, name: str) -> tuple[list[str], dict[str, str]]:
         """argv and extra environment of one service."""
-        c, client = self.config, self.env()
+        c, client, host = self.config, self.env(), self.config.host
         s3_env = {k: v for k, v in client.items() if k.startswith("AWS_")}
         if name == "s3":
             weed = [
-                str(weed_binary()), "mini", f"-dir={self.weed_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+                str(weed_binary()), "mini", f"-dir={self.weed_dir}", f"-ip={host}", f"-ip.bind={host}",
                 f"-s3.port={c.s3_port}", f"-s3.config={self.s3_config_file}", "-s3.iam=false",
                 "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             ]  # fmt: skip
@@ -175,9 +209,12 @@ class Stack:
             return weed, s3_env
         if name == "mlflow":
             _require_module("mlflow", "mlflow")
-            hosts = [f"{HOST}:{c.mlflow_port}", f"localhost:{c.mlflow_port}"]
+            hosts = list(
+                dict.fromkeys([f"{host}:{c.mlflow_port}", f"{HOST}:{c.mlflow_port}", f"localhost:{c.mlflow_port}"])
+            )
+            auth = ["--app-name", "basic-auth"] if self.mlflow_auth else []
             return [
-                sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(c.mlflow_port),
+                sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(c.mlflow_port), *auth,
                 "--workers", "1", "--backend-store-uri", f"sqlite:///{self.mlflow_db}",
                 "--serve-artifacts", "--artifacts-destination", MLFLOW_ARTIFACTS,
                 "--allowed-hosts", ",".join(hosts), "--cors-allowed-origins", ",".join(f"http://{h}" for h in hosts),
@@ -185,12 +222,13 @@ class Stack:
                 **s3_env,
                 "MLFLOW_S3_ENDPOINT_URL": c.urls["s3"],
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner: ~0.5 GB instead of ~1.4
+                **self._mlflow_server_auth(),
             }  # fmt: skip
         _require_module("ray.dashboard", "ray[default]")
         return [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--node-ip-address={HOST}",
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--node-ip-address={host}",
             f"--port={c.ray_port}", f"--num-cpus={c.num_cpus}", "--include-dashboard=true",
-            f"--dashboard-host={HOST}", f"--dashboard-port={c.ray_dashboard_port}",
+            f"--dashboard-host={host}", f"--dashboard-port={c.ray_dashboard_port}",
             f"--dashboard-agent-listen-port={c.ray_agent_port}", f"--ray-client-server-port={c.ray_client_port}",
             "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={c.ray_temp_dir}",
             "--disable-usage-stats", "--log-style=record", "--log-color=false",
@@ -199,13 +237,15 @@ class Stack:
             # stack's S3 and MLflow without secrets in a runtime_env or a file in the job's working dir.
             **s3_env,
             "MLFLOW_TRACKING_URI": client["MLFLOW_TRACKING_URI"],
+            **self._mlflow_login(self._credentials()),
             "DDPM_STACK_DIR": client["DDPM_STACK_DIR"],
             "RAY_AUTH_MODE": client["RAY_AUTH_MODE"],
             "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # else some Ray ports listen on all addresses
+            # On loopback: else some Ray ports listen on all addresses. Beyond it other nodes must join.
+            **({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if c.loopback else {}),
             # Ray-internal actors (e.g. Ray Train's PlacementGroupCleaner) look the cluster up by address;
             # with several Ray instances on one machine (a test stack beside the user's) "auto" fails.
-            "RAY_ADDRESS": f"{HOST}:{c.ray_port}",
+            "RAY_ADDRESS": f"{host}:{c.ray_port}",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # prints once, not twice
             "AUTOSCALER_METRIC_PORT": str(c.ray_metric_ports[0]),
@@ -253,11 +293,13 @@ class Stack:
         hears what is being waited for and when each service is ready."""
         t0, wanted = time.monotonic(), select(services)
         deadline = t0 + timeout
+        check_bind_address(self.config.host)
         with self._lock():
             self._prepare()
             table = processes.process_table()
             records = {n: r for n, r in self._records().items() if processes.session_tree(r, table)}
             saved = json.loads(self.config_file.read_text()) if self.config_file.exists() else None
+            saved = {"host": HOST, **saved} if saved else saved  # written before stacks could bind elsewhere
             if records and saved and saved != self.config.to_json():
                 raise StackError(
                     f"the stack in {self.config.state_dir} runs with other settings ({saved}); "
@@ -267,9 +309,9 @@ class Stack:
             to_start = [n for n in wanted if n not in records]
             for name in to_start:
                 for what, port in self.config.service_ports()[name].items():
-                    if not processes.port_free(port):
+                    if not processes.port_free(port, self.config.host):
                         raise StackError(
-                            f"port {port} ({what}) on {HOST} is already in use{processes.port_owner(port)}; "
+                            f"port {port} ({what}) on {self.config.host} is already in use{processes.port_owner(port)}; "
                             f"pick other ports (--port-offset / {OFFSET_ENV} or the port flags)"
                         )
             commands = {name: self._command(name) for name in to_start}  # missing binaries fail here
@@ -318,7 +360,7 @@ class Stack:
         ids = {p.stem.rpartition("_")[2] for p in self.weed_dir.glob("*.dat")}
         if not ids:
             return True
-        body = _get(f"http://{HOST}:{self.config.weed_ports()['master']}/vol/status")
+        body = _get(f"http://{self.config.host}:{self.config.weed_ports()['master']}/vol/status")
         try:
             topology = json.loads(body)["Volumes"]["DataCenters"]
         except (TypeError, ValueError, KeyError):

@@ -117,11 +117,13 @@ class SamplerWorker:
     def info(self) -> dict[str, Any]:
         import socket
 
+        import ray
         import torch
 
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node_ip": ray.util.get_node_ip_address(),  # hosts can share a hostname (containers, namespaces)
             "device": str(self.device),
             "threads": torch.get_num_threads(),
         }

@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.checkpoint import images_of
 from pipeline.config import ConfigError, Settings
 from pipeline.data.storage import filesystem
+from pipeline.train.hosts import check_reachable, driver_login, endpoints, gather_rank_hosts, worker_env_vars
 
 
 class DeviceError(ConfigError):
@@ -114,6 +115,7 @@ def launch(settings: Settings, mlflow_run_id: str | None):
     config["settings"]["storage"]["secret_access_key"] = (
         settings.storage.secret_access_key.get_secret_value() if settings.storage.secret_access_key else None
     )
+    config["mlflow_login"] = driver_login()
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
@@ -133,6 +135,7 @@ def launch(settings: Settings, mlflow_run_id: str | None):
                 "env_vars": {
                     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                     "OMP_NUM_THREADS": str(settings.cluster.threads_per_worker),
+                    **worker_env_vars(settings),
                 }
             },
         ),
@@ -173,6 +176,9 @@ def _worker(config: dict) -> None:
 
     _quiet_ray_reports()
     settings = Settings.model_validate(config["settings"])
+    os.environ.update(config.get("mlflow_login") or {})
+    check_reachable(endpoints(settings, tracked=ray.train.get_context().get_world_rank() == 0))
+    gather_rank_hosts()
     fs, run_path = filesystem(settings.storage.checkpoint_url, settings.storage)
     run_path = f"{run_path}/{config['run_name']}"
     cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddpm-restore-{uuid.uuid4().hex[:8]}"

@@ -18,6 +18,7 @@ from pipeline.ddpm.sampler import sample, to_uint8
 from pipeline.grid import grid_png
 from pipeline.tracking import NOTE_TAG
 from pipeline.train import dist
+from pipeline.train.hosts import rank_hosts
 from pipeline.train.state import StepResult, TrainState
 
 QUARTILE_NAMES = ("q1", "q2", "q3", "q4")
@@ -286,6 +287,7 @@ def provenance(settings: Settings, reader, world: int) -> dict:
         "dataset_url": settings.data.url,
         "dataset_samples": reader.num_samples,
         "world_size": world,
+        "rank_hosts": rank_hosts(),
         "seed": settings.train.seed,
         "grid_seeds": [0, settings.train.grid_size - 1],
     }

@@ -1,0 +1,203 @@
+"""The pipeline on a real two-host Ray cluster (the ``two_hosts`` fixture): training placed one worker per
+host with DDP over the veth interface, checkpoints on S3 only, MLflow (with its login) from wherever
+rank 0 runs, resuming after the second host is killed; sampling fanned out over both hosts, byte-identical
+to a one-host run. The same settings on the session's one-node test stack give the comparison figures
+(printed; docs/cluster.md)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.integration.multihost import HEAD_IP, IFNAME, NODE_IP
+
+REPO = Path(__file__).resolve().parents[2]
+DATA_URL = "s3://ddpm-data/test-multihost-digits"
+
+pytestmark = pytest.mark.stack
+
+TRAIN = [
+    "--model.preset", "tiny",
+    "--diffusion.num-timesteps", "100",
+    "--data.url", DATA_URL,
+    "--data.loader-workers", "0",
+    "--train.batch-size", "32",
+    "--train.total-images", "3840",
+    "--train.checkpoint-every-images", "640",
+    "--train.sample-every-images", "0",
+    "--train.grid-size", "4",
+    "--train.log-every-steps", "5",
+    "--train.warmup-images", "320",
+    "--train.lr", "1e-3",
+    "--sample.method", "ddim",
+    "--sample.steps", "10",
+    "--cluster.num-workers", "2",
+    "--cluster.threads-per-worker", "1",
+]  # fmt: skip
+SAMPLE = ["--num-images", "32", "--batch-size", "8", "--chunk", "8", "--workers", "2", "--no-quality", "--no-progress"]
+SAMPLE += ["--sample.method", "ddim", "--sample.steps", "10"]
+
+FIGURES: dict[str, object] = {}
+
+
+def _prepare(env: dict[str, str]) -> None:
+    cmd = [sys.executable, str(REPO / "jobs/prepare_data.py"), "--out", DATA_URL, "--overwrite", "--no-progress"]
+    subprocess.run(cmd, env={**os.environ, **env}, check=True, capture_output=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def cluster(two_hosts):
+    _prepare(two_hosts.env)
+    FIGURES["two_host_cluster_start_s"] = round(two_hosts.timings["cluster_s"], 1)
+    yield two_hosts
+    print("\nmulti-host figures:", json.dumps(FIGURES, indent=1))
+
+
+@pytest.fixture(scope="module")
+def one_host(stack):
+    _prepare(stack.env)
+    return stack.env
+
+
+def _jobs(env):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+
+
+def submit(env, script: str, args: list[str], *, on_poll=None, timeout: float = 400) -> tuple[str, str, float]:
+    """A job as a user submits it (`ray job submit --working-dir . -- python SCRIPT ...`): (status, logs, seconds)."""
+    client, t0 = _jobs(env), time.monotonic()
+    job_id = client.submit_job(
+        entrypoint=f"python {script} {shlex.join(args)}",
+        runtime_env={"working_dir": str(REPO), "excludes": [".stack*", "*.npz", "docs/"]},
+    )
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        if time.monotonic() - t0 > timeout:
+            client.stop_job(job_id)
+            pytest.fail(f"{script} did not finish in {timeout:.0f} s:\n{client.get_job_logs(job_id)[-4000:]}")
+        if on_poll is not None:
+            on_poll(client, job_id)
+        time.sleep(1.0)
+    return str(status), client.get_job_logs(job_id), time.monotonic() - t0
+
+
+def mlflow_client(env):
+    from mlflow.tracking import MlflowClient
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("MLFLOW_TRACKING_")})
+    return MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def run_of(env, name):
+    client = mlflow_client(env)
+    exp = client.get_experiment_by_name("ddpm")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`ddpm.run_name` = '{name}'")
+    assert len(runs) == 1, f"expected one MLflow run for {name}, found {len(runs)}"
+    return client, runs[0]
+
+
+def checkpoints(env, run_name: str) -> list[str]:
+    from pipeline.checkpoint import images_of
+    from pipeline.config import StorageConfig
+    from pipeline.data.storage import list_urls
+
+    storage = StorageConfig.from_env(env)
+    urls = list_urls(f"s3://ddpm-checkpoints/runs/{run_name}", storage)
+    return sorted({p for u in urls for p in u.split("/") if images_of(p) is not None})
+
+
+def images_per_s(logs: str) -> float | None:
+    import re
+
+    found = re.findall(r"([\d,.]+) images/s", logs)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def test_train_across_hosts_resumes_after_losing_a_host(cluster, one_host):
+    env, name = cluster.env, f"mh-{uuid.uuid4().hex[:8]}"
+    killed: dict[str, float] = {}
+
+    def kill_after_first_checkpoint(client, job_id):
+        if "t_kill" not in killed and checkpoints(env, name):
+            killed["t_kill"] = time.monotonic()
+            cluster.kill_node()
+            killed["node_restart_s"] = cluster.start_node()
+        elif "t_kill" in killed and "resumed_s" not in killed and "resumed at" in client.get_job_logs(job_id):
+            killed["resumed_s"] = time.monotonic() - killed["t_kill"]
+
+    args = [*TRAIN, "--train.run-name", name, "--cluster.socket-ifname", IFNAME]
+    status, logs, wall = submit(env, "jobs/train.py", args, on_poll=kill_after_first_checkpoint)
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert "t_kill" in killed, f"no checkpoint appeared in S3 before the run ended:\n{logs[-3000:]}"
+    assert "resumed at" in logs, logs[-5000:]
+
+    client, run = run_of(env, name)
+    local = Path(client.download_artifacts(run.info.run_id, "provenance.json"))
+    hosts = json.loads(local.read_text())["rank_hosts"]
+    assert sorted(h["node_ip"] for h in hosts) == sorted([HEAD_IP, NODE_IP]), hosts  # one worker per host
+    assert checkpoints(env, name), "checkpoints are on S3"
+    secrets = [env["AWS_SECRET_ACCESS_KEY"], env["MLFLOW_TRACKING_PASSWORD"], env["RAY_AUTH_TOKEN"]]
+    assert not [s for s in secrets if s in logs], "a secret appears in the job's logs"
+    assert not [k for k, v in run.data.params.items() if any(s in v for s in secrets)], "a secret in MLflow params"
+    loss_two = client.get_metric_history(run.info.run_id, "train/loss")[-1].value
+
+    # The same run on one host (the session's one-node stack, 2 CPUs), for the figures and the loss.
+    one_name = f"oh-{uuid.uuid4().hex[:8]}"
+    status1, logs1, wall1 = submit(one_host, "jobs/train.py", [*TRAIN, "--train.run-name", one_name])
+    assert status1 == "SUCCEEDED", logs1[-5000:]
+    client1, run1 = run_of(one_host, one_name)
+    loss_one = client1.get_metric_history(run1.info.run_id, "train/loss")[-1].value
+    FIGURES.update(
+        {
+            "train_two_hosts": {"wall_s": round(wall, 1), "images_per_s": images_per_s(logs), "final_loss": loss_two},
+            "train_one_host": {"wall_s": round(wall1, 1), "images_per_s": images_per_s(logs1), "final_loss": loss_one},
+            "kill_to_training_again_s": round(killed.get("resumed_s", float("nan")), 1),
+            "node_restart_s": round(killed["node_restart_s"], 1),
+        }
+    )
+    assert loss_two < 0.5 and 0.5 < loss_two / loss_one < 2.0, FIGURES
+    FIGURES["run"] = {"name": name, "run_id": run.info.run_id}
+
+
+def _samples(client, run_id: str, eval_name: str) -> np.ndarray:
+    path = client.download_artifacts(run_id, f"eval/{eval_name}/samples.npz")
+    return np.load(io.BytesIO(Path(path).read_bytes()))["images"]
+
+
+def _metrics(client, run_id: str, eval_name: str) -> dict:
+    return json.loads(Path(client.download_artifacts(run_id, f"eval/{eval_name}/metrics.json")).read_text())
+
+
+def test_sampling_fans_out_over_both_hosts_byte_identical_to_one_host(cluster, one_host):
+    if "run" not in FIGURES:
+        pytest.fail("needs the run of test_train_across_hosts_resumes_after_losing_a_host")
+    run_id, env = FIGURES["run"]["run_id"], cluster.env
+    status, logs, _ = submit(env, "jobs/sample.py", ["--run-id", run_id, *SAMPLE, "--name", "two-hosts"])
+    assert status == "SUCCEEDED", logs[-5000:]
+    client = mlflow_client(env)
+    doc = _metrics(client, run_id, "two-hosts")
+    assert {a["node_ip"] for a in doc["per_actor"]} == {HEAD_IP, NODE_IP}, doc["per_actor"]
+
+    # One host: the session stack's one-node Ray samples the same run (its MLflow and S3 are the cluster's).
+    driver_env = {**os.environ, **{k: v for k, v in env.items() if not k.startswith("RAY_")}}
+    driver_env |= {k: one_host[k] for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    cmd = [sys.executable, "jobs/sample.py", "--run-id", run_id, *SAMPLE, "--name", "one-host"]
+    out = subprocess.run(cmd, cwd=REPO, env=driver_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    one = _metrics(client, run_id, "one-host")
+    assert np.array_equal(_samples(client, run_id, "two-hosts"), _samples(client, run_id, "one-host"))
+    FIGURES["sampling_images_per_s"] = {
+        "two_hosts": round(doc["cost"]["images_per_s"], 2),
+        "one_host": round(one["cost"]["images_per_s"], 2),
+    }

@@ -1,0 +1,78 @@
+"""A stack that serves other hosts, without starting services: bind addresses, MLflow's login, `join`,
+and what training workers on another host get and check (pipeline/train/hosts.py)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from infra.stack import Stack, StackConfig, StackError
+from infra.stack.cli import main
+from infra.stack.config import check_bind_address
+from infra.stack.node import JoinConfig, join_command, read_token
+from pipeline.config import Settings
+from pipeline.train.hosts import UnreachableError, check_reachable, driver_login, worker_env_vars
+
+
+def test_bind_address_not_on_this_machine_is_refused(tmp_path, capsys):
+    check_bind_address("127.0.0.1")
+    with pytest.raises(StackError, match=r"cannot bind to 192\.0\.2\.7: it is not an address of this machine"):
+        check_bind_address("192.0.2.7")  # TEST-NET-1: never assigned
+    assert main(["up", "--state-dir", str(tmp_path), "--host", "192.0.2.7", "--only", "s3"]) == 2
+    assert "not an address of this machine" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="IPv4 address"):
+        StackConfig(state_dir=tmp_path, host="head.example")
+
+
+def test_mlflow_login_only_beyond_loopback(tmp_path):
+    local = Stack(StackConfig.resolve(state_dir=tmp_path / "a", environ={}))
+    local._prepare()
+    assert "MLFLOW_TRACKING_PASSWORD" not in local.env()
+    assert "--app-name" not in local._command("mlflow")[0]
+
+    served = Stack(StackConfig.resolve(state_dir=tmp_path / "b", environ={}, host="10.1.2.3"))
+    served._prepare()
+    env = served.env()
+    assert env["MLFLOW_TRACKING_URI"] == f"http://10.1.2.3:{served.config.mlflow_port}"
+    argv, extra = served._command("mlflow")
+    assert argv[argv.index("--app-name") + 1] == "basic-auth" and argv[argv.index("--host") + 1] == "10.1.2.3"
+    ini = Path(extra["MLFLOW_AUTH_CONFIG_PATH"])
+    assert ini.stat().st_mode & 0o777 == 0o600 and env["MLFLOW_TRACKING_PASSWORD"] in ini.read_text()
+    assert "default_permission = NO_PERMISSIONS" in ini.read_text()
+    ray_argv, ray_env = served._command("ray")
+    assert "--node-ip-address=10.1.2.3" in ray_argv and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in ray_env
+    assert ray_env["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_TRACKING_PASSWORD"]  # for job drivers on the head
+
+
+def test_join_needs_the_token_and_passes_it_by_environment(tmp_path):
+    with pytest.raises(StackError, match="RAY_AUTH_TOKEN or pass --token-file"):
+        read_token(None, {})
+    with pytest.raises(StackError, match="does not exist"):
+        read_token(tmp_path / "nope", {})
+    (tmp_path / "tok").write_text("abc\n")
+    assert read_token(tmp_path / "tok", {}) == "abc"
+    with pytest.raises(StackError, match="IP:PORT"):
+        JoinConfig("head.example:6379", "10.0.0.2")
+    argv, env = join_command(JoinConfig("10.0.0.1:6379", "10.0.0.2", num_cpus=1), "abc", {"RAY_ADDRESS": "x"})
+    assert "--address=10.0.0.1:6379" in argv and "--block" in argv and "--num-cpus=1" in argv
+    assert env["RAY_AUTH_TOKEN"] == "abc" and env["RAY_AUTH_MODE"] == "token" and "RAY_ADDRESS" not in env
+    assert not any("abc" in a for a in argv)  # the token is not on the command line (ps shows it)
+
+
+def test_workers_get_the_interface_and_the_login_but_not_in_the_runtime_env():
+    s = Settings.from_cli(["--cluster.socket-ifname", "eth1"])
+    assert worker_env_vars(s) == {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "eth1"}
+    assert worker_env_vars(Settings.from_cli([])) == {}
+    env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw", "OTHER": "x"}
+    assert driver_login(env) == {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw"}
+
+
+def test_unreachable_service_names_the_host_and_the_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(UnreachableError, match=rf"worker host {socket.gethostname()} .* cannot reach S3 at {url}"):
+        check_reachable({"S3": url}, timeout=2)
