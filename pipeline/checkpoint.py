@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -28,16 +29,26 @@ class CorruptCheckpoint(RuntimeError):
     pass
 
 
-def checkpoint_name(images_seen: int) -> str:
-    return f"images_{images_seen:012d}"
+_NAME_RE = re.compile(r"^images_(\d+)(?:-g(\d+))?$")
+
+
+def checkpoint_name(images_seen: int, generation: int = 0) -> str:
+    """``images_<N>``; ``images_<N>-g<G>`` in generation G >= 1. A run that had to fall back past an
+    unusable checkpoint continues in a new generation, so it never writes a name that storage (or a
+    retention list) already holds."""
+    return f"images_{images_seen:012d}" + (f"-g{generation}" if generation else "")
+
+
+def parse_name(name: str) -> tuple[int, int] | None:
+    """(generation, images) of ``images_<N>[-g<G>]`` (also with ``.pt``), newest sorting last; None otherwise."""
+    m = _NAME_RE.match(Path(name).name.removesuffix(".pt"))
+    return (int(m[2] or 0), int(m[1])) if m else None
 
 
 def images_of(name: str) -> int | None:
-    """N of a name ``images_<N>`` or ``images_<N>.pt``; None for other names."""
-    stem = Path(name).name.removesuffix(".pt")
-    if stem.startswith("images_") and stem[7:].isdigit():
-        return int(stem[7:])
-    return None
+    """N of a name ``images_<N>[-g<G>]`` or the same with ``.pt``; None for other names."""
+    parsed = parse_name(name)
+    return parsed[1] if parsed else None
 
 
 def to_cpu(obj):

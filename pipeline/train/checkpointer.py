@@ -9,6 +9,7 @@ reads and verifies the candidates, the other ranks load the one it chose.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,14 +19,17 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import (
+    META_FILE,
     CorruptCheckpoint,
     checkpoint_name,
+    parse_name,
     read_checkpoint,
     sampling_export,
     to_cpu,
     write_checkpoint,
 )
 from pipeline.train import dist
+from pipeline.train.failures import NotRetryable
 from pipeline.train.state import TrainState
 
 
@@ -35,12 +39,14 @@ class Session:
 
     report(metrics, checkpoint_dir, name): every rank calls it at each checkpoint; only rank 0 passes
     a directory. candidates(): checkpoint directories to restore from, newest first (each is read
-    and verified; a corrupt one is skipped). ``fetch`` turns a candidate into a local directory.
+    and verified; an unusable one is skipped and passed to ``unusable``, so that retention does not
+    count it as one of the checkpoints kept). ``fetch`` turns a candidate into a local directory.
     """
 
     report: Callable[[dict, Path | None, str], None]
     candidates: Callable[[], list] = field(default=lambda: [])
     fetch: Callable[[object], Path] = field(default=lambda c: Path(c))
+    unusable: Callable[[object], None] = field(default=lambda c: None)
 
 
 class Checkpointer:
@@ -50,6 +56,8 @@ class Checkpointer:
     def __init__(self, state: TrainState, reader, session: Session, tracker=None) -> None:
         self.state, self.reader, self.session, self.tracker = state, reader, session, tracker
         self.rank, self.world = dist.rank(), dist.world_size()
+        self.generation = 0  # of the names this run writes; set by restore()
+        self.saved_world: int | None = None  # world size of the restored checkpoint's writer
 
     def save(self, metrics: dict | None = None) -> None:
         """Every rank contributes its random states; rank 0 writes and reports the directory."""
@@ -58,7 +66,7 @@ class Checkpointer:
         if state.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(state.device)
         all_rng = dist.all_gather_object(rng)
-        name = checkpoint_name(state.images_seen)
+        name = checkpoint_name(state.images_seen, self.generation)
         metrics = {"images_seen": state.images_seen, "step": state.step_count} | (metrics or {})
         if self.rank != 0:
             self.session.report(metrics, None, name)
@@ -75,26 +83,28 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(self) -> str | None:
-        """Load the newest complete checkpoint (all ranks agree on which); its path, or None if there is none."""
-        # Read on the CPU: random states must stay CPU ByteTensors; load_state_dict moves weights and
-        # optimizer moments to the model's device.
-        chosen, full = None, None
+        """Load the newest checkpoint that verifies and loads (all ranks agree on which); its path, or
+        None if the run has none yet.
+
+        A candidate that cannot be verified *and* loaded (incomplete, corrupt, not our format, a pickle
+        payload, another model's shapes or keys) is unusable: it is logged, reported to the session
+        and skipped. After skipping one, the run continues in a new checkpoint generation, so it never
+        writes a name that storage already holds. If the run has complete checkpoints but none of
+        them loads, that is ``NotRetryable``: a restart would find the same files. Storage errors
+        while fetching are not the checkpoint's fault and propagate (the worker group restarts)."""
+        chosen, full, generation = None, None, 0
         if self.rank == 0:
-            for cand in self.session.candidates():
-                try:
-                    full, _ = read_checkpoint(self.session.fetch(cand), map_location="cpu")  # verified as it is read
-                    chosen = str(cand)
-                    break
-                except (CorruptCheckpoint, OSError, RuntimeError) as e:
-                    print(f"[train] skipping checkpoint {cand}: {e}", flush=True)
-        chosen = dist.broadcast_object(chosen)
+            chosen, full, generation = self._choose()
+        chosen, generation = dist.broadcast_object((chosen, generation))
+        self.generation = generation
         if chosen is None:
             return None
-        if full is None:  # the other ranks read the one rank 0 chose
-            full, _ = read_checkpoint(self.session.fetch(chosen), map_location="cpu")
         state = self.state
-        state.load_state_dict(full, generator=False)
+        if full is None:  # the other ranks load the one rank 0 chose (and could load)
+            full, _ = read_checkpoint(self.session.fetch(chosen), map_location="cpu")
+            state.load_state_dict(full, generator=False)
         self._restore_rng(full["rng_per_rank"])
+        self.saved_world = len(full["rng_per_rank"])  # the world size that wrote it (one entry per rank)
         try:
             self.reader.load_state_dict(full["reader"])
         except ValueError as e:  # e.g. a different number of workers: continue with the next epoch
@@ -102,6 +112,40 @@ class Checkpointer:
             self.reader.load_state_dict({"epoch": full["reader"]["epoch"] + 1, "batch": 0})
         self._say(f"restored {chosen} ({state.images_seen} images seen)")
         return chosen
+
+    def _choose(self) -> tuple[str | None, dict | None, int]:
+        """Rank 0: (candidate, its contents, generation to write in), the contents already loaded into
+        the state. Read on the CPU: random states must stay CPU ByteTensors; load_state_dict moves
+        weights and optimizer moments to the model's device."""
+        candidates = list(self.session.candidates())
+        newest = max((parse_name(Path(str(c)).name) or (0, 0) for c in candidates), default=(0, 0))
+        pristine = None
+        skipped: list[str] = []
+        complete_but_unusable = False
+        for cand in candidates:
+            local = self.session.fetch(cand)
+            try:
+                full, _ = read_checkpoint(local, map_location="cpu")  # verified as it is read
+                _check_layout(full)
+                if pristine is None:
+                    pristine = copy.deepcopy(self.state.state_dict())
+                self.state.load_state_dict(full, generator=False)
+            except Exception as e:  # noqa: BLE001 - untrusted bytes: any failure makes it unusable
+                if pristine is not None:  # a half-done load must not leak into the next candidate
+                    self.state.load_state_dict(pristine, generator=False)
+                complete_but_unusable |= (Path(local) / META_FILE).is_file()
+                skipped.append(f"{Path(str(cand)).name}: {type(e).__name__}: {e}")
+                print(f"[train] unusable checkpoint {cand}, skipped: {type(e).__name__}: {e}", flush=True)
+                self.session.unusable(cand)
+                continue
+            gen = (parse_name(Path(str(cand)).name) or (0, 0))[0]
+            return str(cand), full, newest[0] + 1 if skipped else gen
+        if complete_but_unusable:
+            raise NotRetryable(
+                f"none of the run's {len(candidates)} checkpoint(s) can be loaded ({'; '.join(skipped)}); "
+                "fix or remove them, or start a new run under another --train.run-name"
+            )
+        return None, None, newest[0] + 1 if skipped else 0
 
     def _restore_rng(self, rngs: list[dict]) -> None:
         if len(rngs) != self.world:  # another world size: the per-rank streams cannot continue
@@ -116,3 +160,14 @@ class Checkpointer:
     def _say(self, message: str) -> None:
         if self.rank == 0:
             print(f"[train] {message}", flush=True)
+
+
+REQUIRED = {"model", "ema", "optimizer", "counters", "unet", "schedule", "reader", "rng_per_rank"}
+
+
+def _check_layout(full: object) -> None:
+    """The top level of a training checkpoint; loading checks the rest (shapes, keys, configs)."""
+    if not isinstance(full, dict):
+        raise CorruptCheckpoint(f"not a training checkpoint (a {type(full).__name__}, not a dict)")
+    if missing := REQUIRED - set(full):
+        raise CorruptCheckpoint(f"not a training checkpoint: missing {sorted(missing)}")
