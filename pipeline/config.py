@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
@@ -113,10 +114,18 @@ class DataConfig(Section):
         return 2 if device == "cuda" else 0
 
 
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RUN_NAME_RULE = "1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
 class TrainConfig(Section):
     """Optimisation, checkpointing and evaluation of one training run. Counts are in images seen."""
 
-    run_name: str | None = Field(None, description="run name; required to resume; default: a new timestamped name")
+    run_name: str | None = Field(
+        None,
+        description="run name (letters, digits, '.', '_', '-'; at most 100; not starting with '.', '_' or '-'); "
+        "required to resume; default: a new timestamped name",
+    )
     resume: bool = Field(False, description="continue the existing run of this name (a new name never resumes)")
     total_images: int = Field(200_000, ge=1, description="train until this many images have been seen")
     batch_size: int = Field(128, ge=1, description="global batch per optimizer step, over all workers")
@@ -152,6 +161,14 @@ class TrainConfig(Section):
         description="registered MLflow model that a finished run adds a version to; "
         "default ddpm-<last part of data.url>",
     )
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str | None) -> str | None:
+        # The name becomes a storage path and an MLflow tag: '/' would nest runs, '..' escape the root.
+        if v is not None and not RUN_NAME_RE.fullmatch(v):
+            raise ValueError(f"must match {RUN_NAME_RE.pattern}: {RUN_NAME_RULE}")
+        return v
 
     @model_validator(mode="after")
     def _resume_needs_name(self) -> TrainConfig:

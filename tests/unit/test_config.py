@@ -125,3 +125,17 @@ def test_device_choice_for_the_clusters_gpus(flags, gpus, expect):
             choose_device(settings, gpus)
     else:
         assert choose_device(settings, gpus) is expect
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", ".hidden", "-x", "", "x" * 101, "a b", "ü"])
+def test_run_names_outside_the_rule_exit_2_naming_it(name, capsys):
+    from jobs.train import main
+
+    assert main([f"--train.run-name={name}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "train.run_name" in err and "letters, digits" in err
+
+
+@pytest.mark.parametrize("name", ["a", "run-1.2_x", "9" * 100])
+def test_run_names_inside_the_rule_are_kept(name):
+    assert Settings.from_cli(["--train.run-name", name]).train.run_name == name
