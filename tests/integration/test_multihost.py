@@ -44,7 +44,9 @@ TRAIN = [
     "--cluster.num-workers", "2",
     "--cluster.threads-per-worker", "1",
 ]  # fmt: skip
-SAMPLE = ["--num-images", "32", "--batch-size", "8", "--chunk", "8", "--workers", "2", "--no-quality", "--no-progress"]
+# Enough batches that the second host's actor (runtime env download, torch import) gets some before the
+# head's actor has done them all.
+SAMPLE = ["--num-images", "128", "--batch-size", "8", "--chunk", "8", "--workers", "2", "--no-quality", "--no-progress"]
 SAMPLE += ["--sample.method", "ddim", "--sample.steps", "10"]
 
 FIGURES: dict[str, object] = {}
@@ -187,7 +189,8 @@ def test_sampling_fans_out_over_both_hosts_byte_identical_to_one_host(cluster, o
     assert status == "SUCCEEDED", logs[-5000:]
     client = mlflow_client(env)
     doc = _metrics(client, run_id, "two-hosts")
-    assert {a["node_ip"] for a in doc["per_actor"]} == {HEAD_IP, NODE_IP}, doc["per_actor"]
+    worked = {a.get("node_ip") for a in doc["per_actor"] if a.get("batches")}
+    assert worked == {HEAD_IP, NODE_IP}, doc["per_actor"]
 
     # One host: the session stack's one-node Ray samples the same run (its MLflow and S3 are the cluster's).
     driver_env = {**os.environ, **{k: v for k, v in env.items() if not k.startswith("RAY_")}}
