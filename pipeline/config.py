@@ -202,6 +202,12 @@ class StorageConfig(Section):
     secret_access_key: SecretStr | None = Field(None, description="S3 secret key (env AWS_SECRET_ACCESS_KEY)")
     region: str = Field("us-east-1", description="S3 region (env AWS_DEFAULT_REGION)")
     checkpoint_url: str = Field("s3://ddpm-checkpoints/runs", description="where Ray Train keeps run checkpoints")
+    outage_s: float = Field(
+        180.0,
+        ge=0,
+        description="seconds storage I/O (shards, checkpoints, listing, retention) retries through an S3 outage, "
+        "with backoff, before the run fails (resume it with --train.resume)",
+    )
 
     @classmethod
     def from_env(cls, env: dict[str, str], **overrides) -> StorageConfig:

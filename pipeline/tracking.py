@@ -35,6 +35,7 @@ CHECKPOINT_DIR = "checkpoints"  # sampling checkpoints: checkpoints/images_<N>.p
 CONFIG_ARTIFACT = "config.json"  # the resolved settings of a training run
 EVAL_DIR = "eval"  # evaluations: artifacts eval/<name>/..., metrics eval/<sampler tag>/<figure>
 NOTE_TAG = "mlflow.note.content"  # the run page's description
+FAILURE_TAG = "ddpm.failure_reason"  # why a run ended FAILED or KILLED
 
 
 class TrackingError(RuntimeError):
@@ -60,6 +61,24 @@ def find_or_create_run(uri: str, experiment: str, run_name: str) -> str:
         return run_id
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
     return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str, reason: str, *, tries: int = 5) -> bool:
+    """End a training run as FAILED or KILLED with ``reason`` as the ``ddpm.failure_reason`` tag (the
+    driver's side: the workers are gone). Retried for a few seconds; False if MLflow stayed away."""
+    from mlflow.entities import RunTag
+
+    client = _client(uri)
+    for attempt in range(tries):
+        try:
+            client.log_batch(run_id, tags=[RunTag(FAILURE_TAG, reason[:5000])])
+            client.set_terminated(run_id, status=status)
+            return True
+        except Exception as e:  # noqa: BLE001 - the job's own error matters more than this one
+            if attempt == tries - 1:
+                log.warning("MLflow run %s not marked %s: %s", run_id, status, e)
+            time.sleep(min(2.0**attempt, 5.0))
+    return False
 
 
 class Tracker:

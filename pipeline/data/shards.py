@@ -36,7 +36,7 @@ from pipeline.data.errors import (
     StorageUnreachableError,
 )
 from pipeline.data.manifest import Manifest, open_manifest
-from pipeline.data.storage import open_read, storage_kwargs
+from pipeline.data.storage import open_read, outage_limit, storage_kwargs
 
 log = logging.getLogger("pipeline.data")
 
@@ -67,7 +67,7 @@ class ShardSpec:
     @classmethod
     def from_manifest(cls, m: Manifest, storage: Any, *, strict: bool) -> ShardSpec:
         return cls(
-            storage=storage_kwargs(storage),
+            storage=storage_kwargs(storage) | {"outage_s": outage_limit(storage)},
             urls=tuple(m.shard_urls),
             counts=tuple(s.samples for s in m.shards),
             sha256=tuple(s.sha256 for s in m.shards),

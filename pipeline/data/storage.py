@@ -5,16 +5,23 @@ URLs are ``s3://bucket/key`` or local paths (plain or ``file://``). One boto3 cl
 storage configuration, created lazily, so DataLoader workers make their own after the fork. Clients
 use path-style addressing and ``retries={"mode": "standard"}``. S3 failures are translated into the
 errors of ``pipeline.data.errors`` with messages that name the endpoint, the bucket or the URL.
+
+Every operation rides through a storage outage (connection refused or reset, timeouts, 5xx answers)
+of up to ``storage.outage_s`` seconds: ``ride_out`` retries with backoff and says what it waits for,
+and an S3 object being read resumes where it broke off (a ranged GET). A longer outage raises
+``StorageUnreachableError``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from pipeline.data.errors import (
@@ -25,6 +32,11 @@ from pipeline.data.errors import (
     StorageUnreachableError,
 )
 
+DEFAULT_OUTAGE_S = 180.0
+OUTAGE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "500", "502", "503", "504"}
+# How pyarrow's S3 filesystem (Ray Train storage, checkpoints) words an unreachable or failing endpoint.
+PYARROW_OUTAGE = ("NETWORK_CONNECTION", "curlCode", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "SLOW_DOWN", "timed out")
+T = TypeVar("T")
 AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"}
 
 
@@ -33,8 +45,68 @@ def storage_kwargs(storage: Any) -> dict[str, Any]:
     if storage is None:
         return {}
     if isinstance(storage, Mapping):
-        return dict(storage)
+        return {k: v for k, v in storage.items() if k != "outage_s"}
     return storage.boto3_kwargs()
+
+
+def outage_limit(storage: Any) -> float:
+    """Seconds an operation retries while the storage is unreachable (``storage.outage_s``)."""
+    if isinstance(storage, Mapping):
+        return float(storage.get("outage_s", DEFAULT_OUTAGE_S))
+    return float(getattr(storage, "outage_s", DEFAULT_OUTAGE_S))
+
+
+def is_outage(e: BaseException) -> bool:
+    """Whether ``e`` says the storage is away (and may come back), not that the request is wrong."""
+    if isinstance(e, StorageUnreachableError):
+        return True
+    if isinstance(e, DataError):
+        return False
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(e, BotoConnectionError | HTTPClientError | HTTPError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(e, ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return code in OUTAGE_CODES or status >= 500
+    if type(e).__name__ == "ResponseStreamingError":  # botocore, a body cut off mid-read
+        return True
+    return isinstance(e, OSError) and any(h in str(e) for h in PYARROW_OUTAGE)
+
+
+def ride_out(what: str, fn: Callable[[], T], storage: Any = None, *, limit: float | None = None) -> T:
+    """``fn()``, retried with backoff while the storage is unreachable, up to ``limit`` seconds
+    (default ``storage.outage_s``); other errors raise at once. ``what`` names the operation in the
+    waiting messages and in the final error."""
+    limit = outage_limit(storage) if limit is None else limit
+    start, delay, said = None, 0.5, float("-inf")
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            now = time.monotonic()
+            start = now if start is None else start
+            waited = now - start
+            if waited >= limit:
+                raise StorageUnreachableError(
+                    f"storage at {endpoint_name(storage)} unreachable for {waited:.0f} s while {what} "
+                    f"(storage.outage_s={limit:g}): {type(e).__name__}: {e}"
+                ) from e
+            if now - said >= 10:
+                said = now
+                print(
+                    f"[storage] waiting for {endpoint_name(storage)} ({what}: {type(e).__name__}); "
+                    f"{waited:.0f} s so far, retrying for up to {limit:g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            time.sleep(min(delay, max(limit - waited, 0.05)))
+            delay = min(delay * 2, 8.0)
 
 
 @dataclass(frozen=True)
@@ -120,7 +192,7 @@ def translate_error(e: Exception, url: str, storage: Any, *, what: str = "") -> 
     doing = f" while {what}" if what else ""
     if isinstance(e, DataError):
         return e
-    if isinstance(e, EndpointConnectionError):
+    if isinstance(e, EndpointConnectionError) or (is_outage(e) and not isinstance(e, ClientError)):
         return StorageUnreachableError(
             f"cannot reach the S3 endpoint {endpoint}{doing} ({url}): {e}. Is the storage running "
             f"and is storage.endpoint_url / AWS_ENDPOINT_URL right?",
@@ -137,6 +209,10 @@ def translate_error(e: Exception, url: str, storage: Any, *, what: str = "") -> 
         code = str(err.get("Code", ""))
         msg = err.get("Message", "")
         loc = parse_url(url) if url.startswith("s3://") else None
+        if is_outage(e):
+            return StorageUnreachableError(
+                f"S3 endpoint {endpoint} failing ({code}){doing} ({url}): {msg or e}", url=url
+            )
         if code in AUTH_CODES:
             return StorageAuthError(
                 f"the S3 endpoint {endpoint} refused the access keys ({code}){doing} ({url}): check "
@@ -183,10 +259,49 @@ def open_read(url: str, storage: Any = None) -> IO[bytes]:
             raise NotFoundError(f"not found: {url}", url=url) from None
         except OSError as e:
             raise DataError(f"cannot open {url}: {e}", url=url) from None
-    try:
-        return s3_client(storage).get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
-    except _boto_errors() as e:
-        raise translate_error(e, url, storage, what="opening") from None
+    return _ResumableBody(url, storage, loc)
+
+
+class _ResumableBody:
+    """An S3 object's streaming body that reopens at the byte it reached (a ranged GET) when the
+    connection breaks, for as long as ``ride_out`` allows."""
+
+    def __init__(self, url: str, storage: Any, loc: Location) -> None:
+        self.url, self.storage, self.loc, self.pos = url, storage, loc, 0
+        self.body = self._open()
+
+    def _open(self) -> Any:
+        extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+
+        def get() -> Any:
+            try:
+                return s3_client(self.storage).get_object(Bucket=self.loc.bucket, Key=self.loc.key, **extra)["Body"]
+            except _boto_errors() as e:
+                raise translate_error(e, self.url, self.storage, what="opening") from None
+
+        return ride_out(f"opening {self.url}", get, self.storage)
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            try:
+                data = self.body.read() if size is None or size < 0 else self.body.read(size)
+            except Exception as e:
+                if not is_outage(e):
+                    raise translate_error(e, self.url, self.storage, what="reading") from None
+                self.close()
+                self.body = self._open()
+                continue
+            self.pos += len(data)
+            return data
+
+    def close(self) -> None:
+        self.body.close()
+
+    def __enter__(self) -> _ResumableBody:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_bytes(url: str, storage: Any = None) -> bytes:
@@ -207,10 +322,14 @@ def write_bytes(url: str, data: bytes, storage: Any = None, *, content_type: str
         os.replace(tmp, loc.path)
         return
     extra = {"ContentType": content_type} if content_type else {}
-    try:
-        s3_client(storage).put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra)
-    except _boto_errors() as e:
-        raise translate_error(e, url, storage, what="writing") from None
+
+    def put() -> None:
+        try:
+            s3_client(storage).put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra)
+        except _boto_errors() as e:
+            raise translate_error(e, url, storage, what="writing") from None
+
+    ride_out(f"writing {url}", put, storage)
 
 
 def list_urls(prefix_url: str, storage: Any = None) -> Iterator[str]:
@@ -224,13 +343,16 @@ def list_urls(prefix_url: str, storage: Any = None) -> Iterator[str]:
                     yield f"{base}/{p.relative_to(loc.path).as_posix()}"
         return
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
-    try:
-        paginator = s3_client(storage).get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                yield f"s3://{loc.bucket}/{obj['Key']}"
-    except _boto_errors() as e:
-        raise translate_error(e, prefix_url, storage, what="listing") from None
+
+    def listing() -> list[str]:
+        try:
+            paginator = s3_client(storage).get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=loc.bucket, Prefix=prefix)
+            return [f"s3://{loc.bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", [])]
+        except _boto_errors() as e:
+            raise translate_error(e, prefix_url, storage, what="listing") from None
+
+    yield from ride_out(f"listing {prefix_url}", listing, storage)
 
 
 def delete_urls(urls: list[str], storage: Any = None) -> None:
@@ -245,12 +367,16 @@ def delete_urls(urls: list[str], storage: Any = None) -> None:
     for bucket, keys in by_bucket.items():
         for i in range(0, len(keys), 1000):
             chunk = keys[i : i + 1000]
-            try:
-                out = s3_client(storage).delete_objects(
-                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
-                )
-            except _boto_errors() as e:
-                raise translate_error(e, f"s3://{bucket}/{chunk[0]}", storage, what="deleting") from None
+
+            def delete(bucket: str = bucket, chunk: list[str] = chunk) -> dict:
+                try:
+                    return s3_client(storage).delete_objects(
+                        Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+                    )
+                except _boto_errors() as e:
+                    raise translate_error(e, f"s3://{bucket}/{chunk[0]}", storage, what="deleting") from None
+
+            out = ride_out(f"deleting in s3://{bucket}", delete, storage)
             if out.get("Errors"):
                 first = out["Errors"][0]
                 raise DataError(
@@ -264,10 +390,14 @@ def check_bucket(url: str, storage: Any = None) -> None:
     loc = parse_url(url)
     if not loc.is_s3:
         return
-    try:
-        s3_client(storage).list_objects_v2(Bucket=loc.bucket, Prefix=loc.key, MaxKeys=1)
-    except _boto_errors() as e:
-        raise translate_error(e, url, storage, what="checking the bucket") from None
+
+    def check() -> None:
+        try:
+            s3_client(storage).list_objects_v2(Bucket=loc.bucket, Prefix=loc.key, MaxKeys=1)
+        except _boto_errors() as e:
+            raise translate_error(e, url, storage, what="checking the bucket") from None
+
+    ride_out(f"checking {url}", check, storage)
 
 
 def register_webdataset_s3(storage: Any) -> None:
@@ -278,7 +408,7 @@ def register_webdataset_s3(storage: Any) -> None:
     """
     from webdataset.gopen import gopen_schemes
 
-    kw = storage_kwargs(storage)
+    kw = storage_kwargs(storage) | {"outage_s": outage_limit(storage)}
 
     def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
         if mode[0] != "r":

@@ -1,16 +1,15 @@
 """Training on a Ray cluster: the checks before any cluster work, Ray Train's TorchTrainer, and the
-worker side, which runs ``train_worker`` with its checkpoints in Ray Train's run storage (S3 through
-pyarrow). A run has an explicit name: a new run never picks up an old one's checkpoints, and
-``train.resume`` continues the named run deliberately."""
+worker side, which runs ``train_worker`` with its checkpoints in the run's directory of Ray Train's
+storage (``RunStorage``: S3 through pyarrow, riding through outages). A run has an explicit name: a
+new run never picks up an old one's checkpoints, and ``train.resume`` continues the named run
+deliberately."""
 
 from __future__ import annotations
 
 import os
 import time
 import uuid
-from pathlib import Path
 
-from pipeline.checkpoint import images_of
 from pipeline.config import ConfigError, Settings
 from pipeline.data.storage import filesystem
 from pipeline.train.hosts import check_reachable, driver_login, endpoints, gather_rank_hosts, worker_env_vars
@@ -102,8 +101,10 @@ def connect_and_choose_device(settings: Settings) -> bool:
 def launch(settings: Settings, mlflow_run_id: str | None):
     """Run the TorchTrainer for ``train.run_name`` on the cluster of ``settings.cluster``; returns Ray
     Train's Result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    from pipeline.train.policy import Trainer, fit
 
     use_gpu = connect_and_choose_device(settings)
     fs, path = filesystem(settings.storage.checkpoint_url, settings.storage)
@@ -116,7 +117,7 @@ def launch(settings: Settings, mlflow_run_id: str | None):
         settings.storage.secret_access_key.get_secret_value() if settings.storage.secret_access_key else None
     )
     config["mlflow_login"] = driver_login()
-    trainer = TorchTrainer(
+    trainer = Trainer(
         _worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -130,7 +131,6 @@ def launch(settings: Settings, mlflow_run_id: str | None):
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=settings.cluster.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=settings.train.keep_checkpoints),
             worker_runtime_env={
                 "env_vars": {
                     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -146,7 +146,8 @@ def launch(settings: Settings, mlflow_run_id: str | None):
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     each = "one GPU" if use_gpu else f"{settings.cluster.threads_per_worker} CPU"
     print(f"waiting for {settings.cluster.num_workers} Ray Train workers ({each} each) to start ...", flush=True)
-    result = trainer.fit()
+    trainer.waiting_for = f"{settings.cluster.num_workers} worker(s) of {each}"
+    result = fit(trainer, settings.tracking.uri, mlflow_run_id)
     if mlflow_run_id and result.error is None:  # a failed or diverged run registers nothing
         from pipeline.sample.model import register
         from pipeline.tracking import TrackingError
@@ -168,40 +169,31 @@ def run_page(settings: Settings, mlflow_run_id: str) -> str:
 
 def _worker(config: dict) -> None:
     """Entry point of each Ray Train worker: ``train_worker`` with a Session over the run's storage."""
-    import pyarrow.fs as pafs
     import ray.train
 
     from pipeline.train.checkpointer import Session
     from pipeline.train.loop import train_worker
+    from pipeline.train.run_storage import RunStorage
 
     _quiet_ray_reports()
     settings = Settings.model_validate(config["settings"])
     os.environ.update(config.get("mlflow_login") or {})
     check_reachable(endpoints(settings, tracked=ray.train.get_context().get_world_rank() == 0))
     gather_rank_hosts()
-    fs, run_path = filesystem(settings.storage.checkpoint_url, settings.storage)
-    run_path = f"{run_path}/{config['run_name']}"
-    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddpm-restore-{uuid.uuid4().hex[:8]}"
+    run = RunStorage(settings, config["run_name"], os.environ.get("TMPDIR", "/tmp"))
 
     def report(metrics, directory, name):
-        ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+        # Ray Train gets metrics only: checkpoints, their retention and their outages are RunStorage's.
+        if directory is not None:
+            written = run.upload(directory, name)
+            run.retain(settings.train.keep_checkpoints, written)
+        ray.train.report(metrics)
 
-    def candidates():
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
-        except OSError:
-            return []
-        dirs = [i.path for i in infos if i.type == pafs.FileType.Directory and images_of(i.base_name) is not None]
-        return sorted(dirs, key=lambda p: images_of(Path(p).name), reverse=True)
-
-    def fetch(path):
-        local = cache / Path(path).name
-        if not local.exists():
-            ray.train.Checkpoint(path, filesystem=fs).to_directory(str(local))
-        return local
-
-    train_worker(settings, Session(report=report, candidates=candidates, fetch=fetch), config.get("mlflow_run_id"))
+    session = Session(report=report, candidates=run.candidates, fetch=run.fetch, unusable=run.mark_unusable)
+    try:
+        train_worker(settings, session, config.get("mlflow_run_id"))
+    finally:
+        run.close()
 
 
 def _quiet_ray_reports() -> None:

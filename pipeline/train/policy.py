@@ -1,0 +1,79 @@
+"""Ray Train's failure policy for training runs: ``pipeline.train.failures`` decides what is permanent."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
+
+from pipeline.train.failures import failure_reason, permanent_cause
+
+
+class Policy(DefaultFailurePolicy):
+    """Ray Train's default policy, except: permanent worker errors fail the run at once, and a worker
+    group that cannot start yet (the cluster lacks the CPUs/GPUs) is reported as waiting and retried."""
+
+    def __init__(self, failure_config, waiting_for: str = "the worker group") -> None:
+        super().__init__(failure_config)
+        self.waiting_for = waiting_for
+        self.waited = 0
+
+    def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
+        e = training_failed_error
+        if isinstance(e, WorkerGroupError) and any(permanent_cause(w) for w in e.worker_failures.values()):
+            print(f"[train] not retried (a restart would fail the same way): {failure_reason(e)}", flush=True)
+            return FailureDecision.RAISE
+        if isinstance(e, ControllerError) and isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            self.waited += 1
+            print(
+                f"[train] still waiting for resources for {self.waiting_for} (startup attempt {self.waited}); "
+                "the job starts when the cluster has them",
+                flush=True,
+            )
+            return FailureDecision.RETRY
+        return super().make_decision(e)
+
+
+class Trainer(TorchTrainer):
+    """Ray Train's TorchTrainer with ``Policy`` (Ray Train builds its default policy from the
+    FailureConfig and offers no setting for another one)."""
+
+    def _initialize_and_run_controller(self, **kwargs):
+        kwargs["failure_policy"] = Policy(self.run_config.failure_config, self.waiting_for)
+        return super()._initialize_and_run_controller(**kwargs)
+
+    waiting_for = "the worker group"
+
+
+def fit(trainer: Trainer, tracking_uri: str | None, mlflow_run_id: str | None):
+    """``trainer.fit()``; a failed run ends its MLflow run FAILED (an interrupt or SIGTERM: KILLED) with
+    the reason as a tag, and raises ``JobError`` with that one line."""
+    from pipeline.cli import JobError
+    from pipeline.tracking import end_run
+
+    def end(status: str, reason: str) -> None:
+        if tracking_uri and mlflow_run_id:
+            end_run(tracking_uri, mlflow_run_id, status, reason)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = (
+        signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
+    )
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:
+        reason = failure_reason(e)
+        end("FAILED", reason)
+        raise JobError(f"training failed: {reason}") from e
+    except KeyboardInterrupt as e:
+        end("KILLED", f"interrupted ({e or 'SIGINT'})")
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
