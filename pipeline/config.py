@@ -104,6 +104,12 @@ class DataConfig(Section):
         "auto: 2 with a GPU, 0 on CPU, where the trainer already uses the cores it was given",
     )
     strict: bool = Field(False, description="fail at the first bad shard or sample instead of skipping and counting it")
+    partitions: int = Field(
+        4,
+        ge=1,
+        description="canonical partitions of the data order, fixed for a run: the samples and global batches "
+        "depend on them, not on the number of workers (at most this many workers; best a multiple of it)",
+    )
 
     def workers_for(self, device: str) -> int:
         """The number of DataLoader workers on ``device`` ("cuda" or "cpu")."""
@@ -240,7 +246,11 @@ class ClusterConfig(Section):
     """The Ray cluster and the worker group."""
 
     address: str | None = Field(None, description="Ray address (env RAY_ADDRESS); None: the current/local cluster")
-    num_workers: int = Field(2, ge=1, description="training workers (one GPU each where GPUs exist)")
+    num_workers: int | str = Field(
+        2,
+        description="training workers (one GPU each where GPUs exist); a range MIN-MAX (e.g. 1-4) makes the "
+        "group elastic: it trains on what the cluster gives and grows back when capacity returns",
+    )
     use_gpu: Literal["auto", "yes", "no"] = Field(
         "auto",
         description="GPU workers: auto uses them if the cluster has a GPU per worker "
@@ -255,6 +265,39 @@ class ClusterConfig(Section):
         description="network interface DDP uses between hosts (GLOO_/NCCL_SOCKET_IFNAME on every worker, e.g. eth0); "
         "None: the library's choice (the hostname's address)",
     )
+    resize_interval_s: float = Field(
+        60.0, gt=0, description="elastic group: seconds between Ray Train's checks for capacity to grow into"
+    )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers_or_range(cls, v: Any) -> int | str:
+        return workers_range(v)[1] if workers_range(v)[0] == workers_range(v)[1] else v
+
+    @property
+    def min_workers(self) -> int:
+        return workers_range(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        return workers_range(self.num_workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+
+def workers_range(v: Any) -> tuple[int, int]:
+    """(min, max) of a worker count (``4``, ``"4"``) or range (``"1-4"``); ValueError naming the problem."""
+    text = str(v).strip()
+    lo, sep, hi = text.partition("-")
+    try:
+        pair = (int(lo), int(hi)) if sep else (int(text), int(text))
+    except ValueError:
+        raise ValueError(f"cluster.num_workers={v!r}: expected a count (2) or a range MIN-MAX (1-4)") from None
+    if not 1 <= pair[0] <= pair[1]:
+        raise ValueError(f"cluster.num_workers={v!r}: need 1 <= MIN <= MAX")
+    return pair
 
 
 ENV_FILE_VAR = "DDPM_ENV_FILE"
@@ -389,10 +432,16 @@ class Settings(JobSettings):
                 f"model preset {self.model.preset!r} at data.image_size={self.data.image_size}, "
                 f"data.channels={self.data.channels}: {e}"
             ) from None
-        if self.train.batch_size % (self.cluster.num_workers * self.train.grad_accum):
+        most = self.cluster.max_workers
+        if self.train.batch_size % (most * self.train.grad_accum):
             raise ValueError(
-                f"train.batch_size={self.train.batch_size} must be divisible by cluster.num_workers="
-                f"{self.cluster.num_workers} x train.grad_accum={self.train.grad_accum}"
+                f"train.batch_size={self.train.batch_size} must be divisible by the most cluster.num_workers="
+                f"{most} x train.grad_accum={self.train.grad_accum}"
+            )
+        if most > self.data.partitions:
+            raise ValueError(
+                f"cluster.num_workers={self.cluster.num_workers}: at most data.partitions={self.data.partitions} "
+                f"workers can share the data order; pass --data.partitions {most} (or a multiple of it)"
             )
         return self
 

@@ -1,34 +1,34 @@
-"""The plan of one epoch: which shards each (rank, stream) reads and which batch slots it fills.
+"""The plan of one epoch: which shards each partition reads, how many of its samples go into each global
+batch, and which rank reads which partitions.
 
 A pure module: everything here is a function of the manifest's per-shard sample counts, ``seed``,
-``epoch``, ``world_size``, the streams per rank ``S`` and the per-rank batch size, so every rank
-computes the same plan without talking to the others. No I/O, no torch.
+``epoch``, the number of partitions ``P``, the global batch size and (only for who reads what) the
+world size, so every rank computes the same plan without talking to the others. No I/O, no torch.
 
-The rule, for epoch ``e`` (``plan_epoch``):
+The order of the samples, and which samples form global batch k, depend on (seed, epoch, P, global
+batch) only: never on the number of ranks or loader workers. So a position (epoch, batch) saved by W
+workers continues exactly on W' workers. The rule, for epoch ``e`` (``plan_epoch``):
 
-1. ``B = batches_per_epoch = max(1, ceil(num_samples / (world_size * batch_size)))``.
-2. The shards are shuffled with a seed of (seed, e), then dealt to ranks largest-first, each to the
-   rank holding the fewest samples so far (``deal``); a rank's shards are dealt the same way to its
-   ``S`` streams (at most B and at most its shard count are used). A stream reads its shards in the
-   shuffled order.
-3. Each rank splits its B batch slots over its streams by the D'Hondt rule (``dhondt``: every
-   non-empty stream gets one, each further slot goes to the stream with the most samples per slot),
-   numbers them round-robin (``round_robin``: slot k of stream 0, slot k of stream 1, ..., then
-   k + 1) and splits each stream's samples evenly over its slots (``even_split``).
+1. ``B = batches_per_epoch = max(1, ceil(num_samples / global_batch))``.
+2. The shards are shuffled with a seed of (seed, e), then dealt to the ``P`` partitions largest-first,
+   each to the partition holding the fewest samples so far (``deal``). A partition reads its shards in
+   the shuffled order, through its own shuffle buffer (the reader's, seeded by (seed, e, partition)).
+3. Every partition contributes to every global batch: its samples are split evenly over the B
+   batches (``even_split``), so global batch k is partition 0's k-th piece, then partition 1's, ...
+4. Rank r of W reads the contiguous partitions ``owned(P, W, r)`` (P // W or P // W + 1 of them);
+   its batch k is the concatenation of its partitions' k-th pieces, in partition order.
 
-Every sample is thus planned exactly once per epoch over all ranks and streams, and every rank gets
-exactly B batch slots numbered 0..B-1; batch sizes differ by a sample or so between ranks and streams.
+Every sample is thus planned exactly once per epoch, and every rank yields exactly B batches
+numbered 0..B-1; global batch sizes differ by a few samples (at most P) from one batch to the next.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from pipeline.data.errors import DataError
@@ -39,28 +39,39 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
-def batches_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    """B: the batches every rank yields per epoch (the last ones a little smaller, never empty)."""
-    return max(1, math.ceil(num_samples / (world_size * batch_size)))
+def batches_per_epoch(num_samples: int, global_batch: int) -> int:
+    """B: the global batches per epoch (the last ones a little smaller, never empty)."""
+    return max(1, math.ceil(num_samples / global_batch))
 
 
-def feasible(shard_samples: Sequence[int], world_size: int, batches: int) -> bool:
-    """Whether every rank gets at least ``batches`` samples under any shuffle: dealing keeps rank
-    totals within one shard of each other, so the smallest is at least total - (world_size - 1) * max."""
+def feasible(shard_samples: Sequence[int], partitions: int, batches: int) -> bool:
+    """Whether every partition gets at least ``batches`` samples under any shuffle: dealing keeps partition
+    totals within one shard of each other, so the smallest is at least total - (partitions - 1) * max."""
     total, largest = sum(shard_samples), max(shard_samples, default=0)
-    return len(shard_samples) >= world_size and total - (world_size - 1) * largest >= world_size * batches
+    return len(shard_samples) >= partitions and total - (partitions - 1) * largest >= partitions * batches
+
+
+def owned(partitions: int, world_size: int, rank: int) -> range:
+    """The partitions rank ``rank`` of ``world_size`` reads: a contiguous block, sizes differing by one."""
+    if not 1 <= world_size <= partitions:
+        raise ValueError(
+            f"world_size={world_size} must be between 1 and the number of data partitions ({partitions}); "
+            f"a run's partitions are fixed when it starts (--data.partitions)"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
+    return range(rank * partitions // world_size, (rank + 1) * partitions // world_size)
 
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """What one stream (rank, stream) reads and yields in one epoch."""
+    """What one partition reads and contributes in one epoch (``rank``: the rank that reads it)."""
 
     rank: int
-    stream: int
+    partition: int
     shards: tuple[int, ...]  # manifest shard indices, in read order
     samples: int  # manifest samples in those shards
-    batch_indices: tuple[int, ...]  # batch indices within the epoch, ascending
-    batch_sizes: tuple[int, ...]  # planned images per batch (sum = samples)
+    batch_sizes: tuple[int, ...]  # (B,) planned images this partition puts into each global batch
 
 
 @dataclass(frozen=True)
@@ -68,20 +79,22 @@ class EpochPlan:
     epoch: int
     batches_per_epoch: int
     world_size: int
-    streams_per_rank: int
-    streams: tuple[StreamPlan, ...]  # rank-major: rank r's streams are [r*S, (r+1)*S)
+    streams: tuple[StreamPlan, ...]  # (P,) one per partition, in partition order
+
+    @property
+    def partitions(self) -> int:
+        return len(self.streams)
 
     def rank_streams(self, rank: int) -> tuple[StreamPlan, ...]:
-        s = self.streams_per_rank
-        return self.streams[rank * s : (rank + 1) * s]
+        return tuple(self.streams[p] for p in owned(self.partitions, self.world_size, rank))
 
     def batch_sizes(self, rank: int) -> list[int]:
-        """Planned images of each batch index of this rank (before any bad-data shortfall)."""
-        sizes = [0] * self.batches_per_epoch
-        for sp in self.rank_streams(rank):
-            for j, n in zip(sp.batch_indices, sp.batch_sizes, strict=True):
-                sizes[j] = n
-        return sizes
+        """(B,) planned images of each batch of this rank (before any bad-data shortfall)."""
+        return [sum(col) for col in zip(*(sp.batch_sizes for sp in self.rank_streams(rank)), strict=True)]
+
+    def global_batch_sizes(self) -> list[int]:
+        """(B,) planned images of each global batch, over all partitions."""
+        return [sum(col) for col in zip(*(sp.batch_sizes for sp in self.streams), strict=True)]
 
     def samples_before(self, rank: int, batch: int) -> int:
         """Images this rank has consumed in this epoch when ``batch`` batches have been yielded."""
@@ -108,33 +121,6 @@ def deal(items: Sequence[int], sizes: Sequence[int], bins: int) -> list[list[int
     return out
 
 
-def dhondt(counts: Sequence[int], seats: int) -> list[int]:
-    """Split ``seats`` batch slots over streams with ``counts`` samples: one per non-empty stream,
-    then each next one to the stream with the most samples per slot. Returns (streams,), sum seats."""
-    alloc = [1 if c > 0 else 0 for c in counts]
-    heap = [(-Fraction(c, 1), s) for s, c in enumerate(counts) if c > 0]  # (-samples per slot, stream)
-    heapq.heapify(heap)
-    for _ in range(seats - sum(alloc)):
-        _, s = heapq.heappop(heap)
-        alloc[s] += 1
-        heapq.heappush(heap, (-Fraction(counts[s], alloc[s]), s))
-    return alloc
-
-
-def round_robin(slots: Sequence[int]) -> list[list[int]]:
-    """Number the slots of every stream round-robin: slot k of stream 0, of stream 1, ..., then k + 1.
-
-    Returns (streams, slots[s]) batch indices, together exactly 0..sum(slots)-1, each row ascending."""
-    indices: list[list[int]] = [[] for _ in slots]
-    j = 0
-    for k in range(max(slots, default=0)):
-        for s, n in enumerate(slots):
-            if k < n:
-                indices[s].append(j)
-                j += 1
-    return indices
-
-
 def even_split(count: int, parts: int) -> tuple[int, ...]:
     """``count`` samples over ``parts`` batches, sizes differing by at most one. Returns (parts,)."""
     return tuple((k + 1) * count // parts - k * count // parts for k in range(parts))
@@ -143,36 +129,31 @@ def even_split(count: int, parts: int) -> tuple[int, ...]:
 def plan_epoch(
     shard_samples: Sequence[int],
     *,
+    partitions: int,
     world_size: int,
-    streams_per_rank: int,
     batches_per_epoch: int,
     seed: int,
     epoch: int,
 ) -> EpochPlan:
-    """The deterministic assignment of shards and batch slots of one epoch (the module docstring's rule)."""
-    B, S = batches_per_epoch, streams_per_rank
+    """The deterministic assignment of shards and batch pieces of one epoch (the module docstring's rule)."""
+    B, P = batches_per_epoch, partitions
+    owned(P, world_size, 0)  # validates world_size against P
     # (num_shards,): shard indices in this epoch's order, and each shard's place in it
     order = list(range(len(shard_samples)))
     random.Random(derive_seed("shards", seed, epoch)).shuffle(order)
     position = {s: k for k, s in enumerate(order)}
+    owner = [r for r in range(world_size) for _ in owned(P, world_size, r)]  # (P,) rank of each partition
     streams: list[StreamPlan] = []
-    # (world_size, ragged): the shards of each rank
-    for rank, shards in enumerate(deal(order, shard_samples, world_size)):
+    # (P, ragged): the shards of each partition, in read (shuffled) order
+    for p, shards in enumerate(deal(order, shard_samples, P)):
+        shards = sorted(shards, key=position.__getitem__)
         total = sum(shard_samples[i] for i in shards)
         if total < B:
             raise DataError(
-                f"epoch {epoch}: rank {rank} gets only {total} samples from its {len(shards)} shard(s) but "
-                f"every rank must yield {B} batches: the shards are too few or too uneven for "
-                f"world_size={world_size}; write smaller shards (jobs/prepare_data.py --shard-samples)"
+                f"epoch {epoch}: partition {p} gets only {total} samples from its {len(shards)} shard(s) but "
+                f"every partition must contribute to all {B} batches: the shards are too few or too uneven "
+                f"for {P} partitions; write smaller shards (jobs/prepare_data.py --shard-samples) or lower "
+                f"--data.partitions"
             )
-        used = max(1, min(S, B, len(shards)))
-        # (S, ragged): the shards of each stream, in read (shuffled) order; streams past `used` are empty
-        groups = deal(shards, shard_samples, used) + [[] for _ in range(S - used)]
-        groups = [sorted(g, key=position.__getitem__) for g in groups]
-        counts = [sum(shard_samples[i] for i in g) for g in groups]  # (S,) samples per stream
-        slots = dhondt(counts, B)  # (S,) batch slots per stream, sum B
-        indices = round_robin(slots)  # (S, slots[s]) batch indices, together 0..B-1
-        for s, g in enumerate(groups):
-            sizes = even_split(counts[s], slots[s])  # (slots[s],) images per batch, sum counts[s]
-            streams.append(StreamPlan(rank, s, tuple(g), counts[s], tuple(indices[s]), sizes))
-    return EpochPlan(epoch, B, world_size, S, tuple(streams))
+        streams.append(StreamPlan(owner[p], p, tuple(shards), total, even_split(total, B)))
+    return EpochPlan(epoch, B, world_size, tuple(streams))

@@ -1,23 +1,26 @@
-"""Streaming reader of WebDataset shards for DDP training: equal batch counts, exact epochs, resumable.
+"""Streaming reader of WebDataset shards for DDP training: equal batch counts, exact epochs, resumable,
+and the same global batches whatever the number of ranks.
 
 Trainer-facing API (see docs/data.md)::
 
     reader = ShardReader(cfg.data, cfg.storage, split="train", rank=rank, world_size=world,
-                         batch_size=per_rank_batch, seed=cfg.train.seed, device=device.type)
-    reader.batches_per_epoch            # the same on every rank
+                         batch_size=global_batch, seed=cfg.train.seed, device=device.type)
+    reader.batches_per_epoch            # the same on every rank, whatever the world size
     for batch in reader.iterate(epoch, start_batch):   # Batch(images, labels, keys, epoch, index, ...)
         ...
 
-Each epoch follows its plan (``pipeline.data.plan``: which shards each of the rank's
-``S = max(1, loader_workers)`` streams reads and which batch slots it fills). Stream s of rank r is
-read by DataLoader worker ``s % loader_workers`` (or in the process itself with 0 workers) through a
-shuffle buffer of ``data.shuffle_buffer`` samples seeded by (seed, e, r, s); the main process
-re-orders batches by index, so ``iterate`` yields indices start_batch..B-1 in order, on every rank.
+Each epoch follows its plan (``pipeline.data.plan``): the shards are dealt to ``data.partitions``
+partitions, each read through its own shuffle buffer (``data.shuffle_buffer / P`` samples, seeded by
+(seed, e, partition)), and global batch k is every partition's k-th piece. A rank reads whole
+partitions; its partitions are spread over its DataLoader workers (or read in the process itself
+with 0 workers), and the main process joins the pieces of each index in partition order, so
+``iterate`` yields indices start_batch..B-1 in order, on every rank. Flips and refills are seeded by
+(seed, e, partition, k) too: nothing depends on the world size or the loader workers.
 
 Every training image is thus yielded exactly once per epoch over all ranks and workers, and every rank
-yields exactly B batches. Resuming at (e, start_batch) replays the streams' raw bytes up to that point
-without decoding them, so the batches equal those of an uninterrupted pass (same images, same order,
-same flips) as long as the inputs of the plan and the data are unchanged.
+yields exactly B batches. Resuming at (e, start_batch) replays the partitions' raw bytes up to that
+point without decoding them, so the batches equal those of an uninterrupted pass (same images, same
+order, same flips) as long as the inputs of the plan and the data are unchanged, on any world size.
 
 Bad data is skipped and counted by ``pipeline.data.shards``: in ``Batch.skipped`` of the batch being
 assembled when it was found, described in ``Batch.errors``. A stream that comes up short still yields
@@ -40,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.errors import DataError, ManifestError
 from pipeline.data.manifest import Manifest, check_matches, open_manifest
-from pipeline.data.plan import EpochPlan, StreamPlan, batches_per_epoch, derive_seed, feasible, plan_epoch
+from pipeline.data.plan import EpochPlan, StreamPlan, batches_per_epoch, derive_seed, feasible, owned, plan_epoch
 from pipeline.data.shards import RawSample, Shards, ShardSpec
 
 REFILL_POOL = 512  # recently read samples a short stream re-draws from
@@ -57,6 +60,9 @@ class Batch:
     keys: tuple[str, ...]  # sample keys (a refilled image repeats a key)
     epoch: int
     index: int  # batch index within the epoch, 0 .. batches_per_epoch - 1
+    parts: tuple[int, ...] = ()  # the partitions whose pieces these are, in order
+    part_sizes: tuple[int, ...] = ()  # images of each piece (images.split(part_sizes) gives them)
+    global_size: int = 0  # planned images of this global batch over all ranks
     skipped: int = 0  # samples lost to bad data while this batch was assembled (see module doc)
     refilled: int = 0  # images in this batch that are re-drawn copies standing in for lost ones
     errors: tuple[str, ...] = field(default_factory=tuple)  # what was skipped, and why
@@ -76,7 +82,7 @@ class _Options:
 
 
 class _Stream:
-    """One (rank, stream) of one epoch: raw samples -> shuffle buffer -> decoded batches."""
+    """One partition of one epoch: raw samples -> shuffle buffer -> decoded batch pieces."""
 
     def __init__(self, options: _Options, plan: StreamPlan, epoch: int) -> None:
         self.options = options
@@ -86,7 +92,7 @@ class _Stream:
 
     def _make_batch(self, j: int, chosen: list[RawSample], size: int, pool: deque[RawSample]) -> Batch:
         o, shards = self.options, self.shards
-        rng = random.Random(derive_seed("refill", o.seed, self.epoch, self.plan.rank, self.plan.stream, j))
+        rng = random.Random(derive_seed("refill", o.seed, self.epoch, self.plan.partition, j))
         arrays: list[np.ndarray] = []
         labels: list[int] = []
         keys: list[str] = []
@@ -125,7 +131,7 @@ class _Stream:
             )
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
         if o.hflip:
-            flip_rng = np.random.default_rng(derive_seed("flip", o.seed, self.epoch, self.plan.rank, j))
+            flip_rng = np.random.default_rng(derive_seed("flip", o.seed, self.epoch, self.plan.partition, j))
             mask = torch.from_numpy(flip_rng.random(len(arrays)) < 0.5)
             x[mask] = x[mask].flip(-1)
         skipped, messages = shards.take_events()
@@ -135,6 +141,8 @@ class _Stream:
             keys=tuple(keys),
             epoch=self.epoch,
             index=j,
+            parts=(self.plan.partition,),
+            part_sizes=(len(arrays),),
             skipped=skipped,
             refilled=refilled,
             errors=messages,
@@ -142,14 +150,14 @@ class _Stream:
 
     def batches(self, start_batch: int) -> Iterator[Batch]:
         o, plan = self.options, self.plan
-        rng = random.Random(derive_seed("shuffle", o.seed, self.epoch, plan.rank, plan.stream))
+        rng = random.Random(derive_seed("shuffle", o.seed, self.epoch, plan.partition))
         capacity = max(1, o.shuffle_buffer)
         shuffle = o.shuffle_buffer > 1
         raw = self.shards.samples(plan.shards)
         buf: list[RawSample] = []
         exhausted = False
         pool: deque[RawSample] = deque(maxlen=max(REFILL_POOL, *plan.batch_sizes))
-        for j, size in zip(plan.batch_indices, plan.batch_sizes, strict=True):
+        for j, size in enumerate(plan.batch_sizes):
             chosen: list[RawSample] = []
             while len(chosen) < size:
                 while not exhausted and len(buf) < capacity:
@@ -179,15 +187,15 @@ class _EpochDataset(IterableDataset):
         self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[Batch]:
-        streams = [sp for sp in self.plan.rank_streams(self.rank) if sp.batch_indices]
+        streams = self.plan.rank_streams(self.rank)
         info = get_worker_info()
         if info is not None:
-            streams = [sp for sp in streams if sp.stream % info.num_workers == info.id]
+            streams = streams[info.id :: info.num_workers]
         gens = [_Stream(self.options, sp, self.plan.epoch).batches(self.start_batch) for sp in streams]
         if len(gens) == 1:
             yield from gens[0]
         else:
-            yield from heapq.merge(*gens, key=lambda b: b.index)
+            yield from heapq.merge(*gens, key=lambda b: (b.index, b.parts))
 
 
 def _identity(x: Any) -> Any:
@@ -202,9 +210,11 @@ class ShardReader:
             shuffle_buffer, hflip, loader_workers, strict).
         storage: StorageConfig (or a dict of boto3 client keywords) for s3:// URLs.
         split: "train" or "eval" (a sub-directory of ``data.url``).
-        rank, world_size: this process's DDP rank and the number of ranks.
-        batch_size: the nominal per-rank batch; actual sizes differ by a sample or so.
+        rank, world_size: this process's DDP rank and the number of ranks (at most the partitions).
+        batch_size: the nominal global batch over all ranks; actual sizes differ by a few samples.
         seed: seeds the shard order, shuffle buffers, flips and refills (with the epoch).
+        partitions: the canonical partitions of the data order; default ``data.partitions`` (at most
+            one per shard).
         manifest: an already-read manifest (skips reading it).
         device: the kind of device the batches go to; ``data.workers_for(device)`` resolves
             ``loader_workers="auto"`` (exposed as ``self.loader_workers``).
@@ -222,9 +232,8 @@ class ShardReader:
         seed: int = 0,
         manifest: Manifest | None = None,
         device: Literal["cpu", "cuda"] = "cpu",
+        partitions: int | None = None,
     ) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.data = data
@@ -239,20 +248,22 @@ class ShardReader:
         if m.num_samples == 0 or not m.shards:
             raise ManifestError(f"dataset {m.url} has no samples", url=m.url)
         counts = [s.samples for s in m.shards]
+        # A dataset of fewer shards than partitions has one partition per shard (still fixed by the data).
+        self.partitions = min(partitions or data.partitions, len(counts))
+        self.owned = owned(self.partitions, world_size, rank)  # validates rank and world_size
         self.loader_workers = data.workers_for(device)
-        self.streams_per_rank = max(1, self.loader_workers)
-        self.batches_per_epoch = batches_per_epoch(m.num_samples, world_size, batch_size)
-        if not feasible(counts, world_size, self.batches_per_epoch):
+        self.batches_per_epoch = batches_per_epoch(m.num_samples, batch_size)
+        if not feasible(counts, self.partitions, self.batches_per_epoch):
             raise DataError(
                 f"dataset {m.url} has {len(counts)} shard(s) of up to {max(counts)} samples "
-                f"({m.num_samples} in all): too few or too large to give each of world_size={world_size} "
-                f"ranks {self.batches_per_epoch} batches of ~{batch_size}; write smaller shards "
-                f"(jobs/prepare_data.py --shard-samples)",
+                f"({m.num_samples} in all): too few or too large to give each of {self.partitions} data "
+                f"partitions a piece of all {self.batches_per_epoch} batches of ~{batch_size}; write smaller "
+                f"shards (jobs/prepare_data.py --shard-samples) or lower --data.partitions",
                 url=m.url,
             )
-        self._options = _Options(
-            ShardSpec.from_manifest(m, storage, strict=data.strict), data.shuffle_buffer, data.hflip, seed
-        )
+        # The buffer is split over the partitions so that a rank holding all of them holds data.shuffle_buffer.
+        buffer = -(-data.shuffle_buffer // self.partitions)
+        self._options = _Options(ShardSpec.from_manifest(m, storage, strict=data.strict), buffer, data.hflip, seed)
         self._position = (0, 0)
 
     # -- layout ---------------------------------------------------------------------------------
@@ -265,20 +276,20 @@ class ShardReader:
         """The shard/batch assignment of an epoch (identical on every rank)."""
         return plan_epoch(
             self._options.shards.counts,
+            partitions=self.partitions,
             world_size=self.world_size,
-            streams_per_rank=self.streams_per_rank,
             batches_per_epoch=self.batches_per_epoch,
             seed=self.seed,
             epoch=epoch,
         )
 
     def layout(self) -> dict[str, Any]:
-        """The inputs of the rule; a position can only be resumed exactly under the same layout."""
+        """The inputs of the rule; a position can only be resumed exactly under the same layout (the world
+        size and the loader workers are not part of it)."""
         return {
             "manifest": self.manifest.digest,
-            "world_size": self.world_size,
+            "partitions": self.partitions,
             "batch_size": self.batch_size,
-            "streams_per_rank": self.streams_per_rank,
             "shuffle_buffer": self.data.shuffle_buffer,
             "seed": self.seed,
         }
@@ -366,13 +377,14 @@ class ShardReader:
         return iter(loader)
 
     def _ordered(self, source: Iterator[Batch], epoch: int, start_batch: int) -> Iterator[Batch]:
-        pending: dict[int, Batch] = {}
-        expect = start_batch
+        pending: dict[int, list[Batch]] = {}  # batch index -> the pieces of it read so far
+        expect, parts = start_batch, len(self.owned)
+        sizes = self.plan(epoch).global_batch_sizes()
         try:
-            for batch in source:
-                pending[batch.index] = batch
-                while expect in pending:
-                    out = pending.pop(expect)
+            for piece in source:
+                pending.setdefault(piece.index, []).append(piece)
+                while len(pending.get(expect, ())) == parts:
+                    out = _join(pending.pop(expect), sizes[expect])
                     expect += 1
                     self._set_position(epoch, expect)
                     yield out
@@ -383,6 +395,25 @@ class ShardReader:
                 f"internal error: epoch {epoch} ended after batch {expect - 1} of {self.batches_per_epoch} "
                 f"on rank {self.rank}"
             )
+
+
+def _join(pieces: list[Batch], global_size: int) -> Batch:
+    """One rank's batch from its partitions' pieces of one index, in partition order."""
+    pieces = sorted(pieces, key=lambda b: b.parts)
+    first = pieces[0]
+    return Batch(
+        images=torch.cat([b.images for b in pieces]) if len(pieces) > 1 else first.images,
+        labels=torch.cat([b.labels for b in pieces]) if len(pieces) > 1 else first.labels,
+        keys=tuple(k for b in pieces for k in b.keys),
+        epoch=first.epoch,
+        index=first.index,
+        parts=tuple(p for b in pieces for p in b.parts),
+        part_sizes=tuple(n for b in pieces for n in b.part_sizes),
+        global_size=global_size,
+        skipped=sum(b.skipped for b in pieces),
+        refilled=sum(b.refilled for b in pieces),
+        errors=tuple(e for b in pieces for e in b.errors),
+    )
 
 
 def _close(source: Iterator[Batch]) -> None:

@@ -29,15 +29,15 @@ def diffusion_loss(
     *,
     objective: Objective = "eps",
     generator: torch.Generator | None = None,
+    draws: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossOutput:
     """t ~ Uniform{1..T}, eps ~ N(0, I); MSE between the target and the model's output at x_t.
 
     The eps objective is DDPM eq. 14 (L_simple). The x0 and v objectives
     regress the clean image and the velocity instead; all use the same x_t.
+    ``draws``: (t, eps) drawn beforehand (``draw_noise``) instead of from ``generator``.
     """
-    b = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (b,), device=x0.device, generator=generator)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    t, noise = draws if draws is not None else draw_noise(schedule, x0.shape, x0.device, x0.dtype, generator)
     x_t = schedule.add_noise(x0, noise, t)
     out = model(x_t, t)
     if objective == "eps":
@@ -50,3 +50,16 @@ def diffusion_loss(
         raise ValueError(f"unknown objective {objective!r}; expected 'eps', 'x0' or 'v'")
     per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     return LossOutput(per_sample=per_sample, t=t)
+
+
+def draw_noise(
+    schedule: NoiseSchedule,
+    shape: torch.Size | tuple[int, ...],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timesteps (B,) and noise (B, C, H, W) of Algorithm 1 for a batch of ``shape``."""
+    t = torch.randint(0, schedule.num_timesteps, (shape[0],), device=device, generator=generator)
+    noise = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+    return t, noise

@@ -327,7 +327,7 @@ def sample_on_ray(
         use_gpu = s.cluster.use_gpu == "yes" or (s.cluster.use_gpu == "auto" and gpus >= 1)
         if use_gpu and gpus < 1:
             raise JobError("cluster.use_gpu=yes but the Ray cluster has no GPUs")
-        workers = s.workers or s.cluster.num_workers
+        workers = s.workers or s.cluster.max_workers
         if use_gpu and workers > gpus:
             # One GPU per actor: the extra actors would never be scheduled.
             log(f"note: {workers} actors asked for but the cluster has {gpus:g} GPU(s): sampling with {int(gpus)}")

@@ -66,7 +66,7 @@ def run_exists(settings: Settings, run_name: str) -> bool:
 
 def choose_device(settings: Settings, gpus: float) -> bool:
     """True if the workers get a GPU each on a cluster with ``gpus`` GPUs; refuses what cannot work."""
-    mode, workers = settings.cluster.use_gpu, settings.cluster.num_workers
+    mode, workers = settings.cluster.use_gpu, settings.cluster.max_workers
     # Ray would wait for missing GPUs for ever (Train retries the worker-group start without limit).
     if mode == "yes" and gpus < workers:
         raise DeviceError(
@@ -122,7 +122,10 @@ def launch(settings: Settings, mlflow_run_id: str | None):
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=settings.cluster.num_workers,
+            # a (min, max) range is Ray Train's elastic group: it starts with what fits, restarts on the
+            # workers that remain after a loss, and grows back when capacity returns
+            num_workers=(c.min_workers, c.max_workers) if (c := settings.cluster).elastic else c.max_workers,
+            elastic_resize_monitor_interval_s=c.resize_interval_s,
             use_gpu=use_gpu,
             resources_per_worker=None if use_gpu else {"CPU": settings.cluster.threads_per_worker},
         ),

@@ -20,6 +20,7 @@ from pipeline.config import Settings
 from pipeline.tracking import NOTE_TAG
 from pipeline.train import dist
 from pipeline.train.checkpointer import Checkpointer, Session
+from pipeline.train.elastic import log_world_size, step_inputs
 from pipeline.train.reporting import GridLogger, MetricLogger, Progress, StepTimer, log_run_start, run_description
 from pipeline.train.state import OptimConfig, TrainState
 
@@ -44,7 +45,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
         split="train",
         rank=rank,
         world_size=world,
-        batch_size=t.batch_size // world,
+        batch_size=t.batch_size,
         seed=t.seed,
         device=device.type,
     )
@@ -57,18 +58,27 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
     grids = GridLogger(state, settings, tracker)
     guard = NanGuard(t.max_bad_steps, device)
 
-    resumed = checkpoints.restore() is not None
+    restored = checkpoints.restore()
+    resumed = restored is not None
     if not resumed:
         log_run_start(tracker, settings, reader, world)
+    log_world_size(tracker, world, state.images_seen, checkpoints.saved_world, restored)
     where = f"resumed at {state.images_seen} images" if resumed else "starting"
-    _say(rank, f"{where}; world_size={world}, per-rank batch {reader.batch_size}, device {device}")
+    share = f"partitions {reader.owned.start}-{reader.owned.stop - 1} of {reader.partitions}"
+    _say(rank, f"{where}; world_size={world}, rank 0 reads {share}, device {device}")
+    shape = dict(
+        world_size=world,
+        partitions=reader.partitions,
+        max_workers=settings.cluster.max_workers,
+        grad_accum=t.grad_accum,
+    )
 
     timer = StepTimer()
     progress = Progress(t.total_images, t.progress_every_s, state.images_seen) if rank == 0 else None
     batches = reader.stream()
     while state.images_seen < t.total_images:
         batch = next(batches)
-        r = state.train_step([m for m in batch.images.tensor_split(t.grad_accum) if len(m)])
+        r = state.train_step(**step_inputs(state, batch, **shape))
         images, skipped = dist.all_reduce_host([r.images, batch.skipped])
         before = state.images_seen
         state.images_seen += images
@@ -97,6 +107,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
         if save_now:
             with timer.side("checkpoint"):
                 checkpoints.save(timer.summary(state.images_seen))
+                log_world_size(tracker, world, state.images_seen, None, None)
             if progress:
                 progress.checkpointed(state.images_seen)
         if grid_now:

@@ -30,7 +30,11 @@ def log_run_start(tracker, settings: Settings, reader, world: int) -> None:
     if tracker is None:
         return
     schedule = settings.diffusion.build()
-    used = {"world_size": world, "per_rank_batch": reader.batch_size, "loader_workers_used": reader.loader_workers}
+    used = {
+        "world_size": world,
+        "per_rank_batch": reader.batch_size // world,
+        "loader_workers_used": reader.loader_workers,
+    }
     tracker.log_settings(settings, used)
     tracker.log_bytes(schedule_figure(schedule), "schedule.png", "schedule")
     tracker.log_bytes(json.dumps(schedule.to_dict() | schedule.curves()).encode(), "schedule.json", "schedule")

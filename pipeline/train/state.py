@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.ddpm.ema import EMA
-from pipeline.ddpm.loss import diffusion_loss
+from pipeline.ddpm.loss import diffusion_loss, draw_noise
 from pipeline.ddpm.schedule import NoiseSchedule, Objective
 from pipeline.ddpm.unet import UNet, UNetConfig
 from pipeline.train.parallelize import parallelize
@@ -132,13 +132,25 @@ class TrainState:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> StepResult:
-        """One optimizer step over ``micro_batches`` (gradient accumulation; DDP syncs on the last)."""
+    def train_step(
+        self,
+        micro_batches: list[torch.Tensor],
+        *,
+        draws: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        denominator: float | None = None,
+    ) -> StepResult:
+        """One optimizer step over ``micro_batches`` (gradient accumulation; DDP syncs on the last).
+
+        ``draws``: each micro-batch's (t, noise), drawn by the caller (``keyed_draws``) instead of from
+        this rank's generator. ``denominator``: what this rank's loss sum is divided by (default its own
+        images); DDP then averages over ranks, so ``global images / world size`` makes the gradient the
+        mean over the global batch however unevenly it is spread over the ranks."""
         lr = lr_at(self.images_seen, self.cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.net.train()
         per_sample, ts, n_total = [], [], sum(b.shape[0] for b in micro_batches)
+        scale = denominator or n_total
         for i, x0 in enumerate(micro_batches):
             x0 = x0.to(self.device, non_blocking=True)
             if self.cfg.channels_last:
@@ -148,10 +160,15 @@ class TrainState:
             with sync:
                 with self._autocast():
                     out = diffusion_loss(
-                        self.net, self.schedule, x0, objective=self.cfg.objective, generator=self.generator
+                        self.net,
+                        self.schedule,
+                        x0,
+                        objective=self.cfg.objective,
+                        generator=self.generator,
+                        draws=None if draws is None else draws[i],
                     )
                 # Weight by micro-batch size so accumulation equals one big batch.
-                (out.per_sample.sum() / n_total).backward()
+                (out.per_sample.sum() / scale).backward()
             per_sample.append(out.per_sample.detach())
             ts.append(out.t.detach())
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -170,6 +187,16 @@ class TrainState:
         self.opt.zero_grad(set_to_none=True)
         self.step_count += 1
         return StepResult(torch.cat(per_sample).float(), torch.cat(ts), norm, finite, n_total, lr)
+
+    def keyed_draws(self, shape: torch.Size, sizes: list[int], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (t, noise) of a batch of ``shape`` made of pieces of ``sizes``, each piece's drawn from the
+        generator seeded by its seed: a sample's noise then depends on where it is in the global batch,
+        not on which rank or micro-batch trains it. Returns (B,) timesteps and (B, C, H, W) noise."""
+        parts = []
+        for n, seed in zip(sizes, seeds, strict=True):
+            self.generator.manual_seed(seed)
+            parts.append(draw_noise(self.schedule, (n, *shape[1:]), self.device, generator=self.generator))
+        return torch.cat([t for t, _ in parts]), torch.cat([e for _, e in parts])
 
     @torch.no_grad()
     def _masked_update(self, finite: torch.Tensor) -> None:

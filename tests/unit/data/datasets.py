@@ -68,10 +68,11 @@ def expected_image(png: bytes) -> torch.Tensor:
 
 
 def read_epoch(data: DataConfig, storage, *, world_size: int, batch_size: int, epoch: int, seed: int = 0):
-    """Every rank's (reader, batches) of one epoch (ranks simulated by separate readers)."""
+    """Every rank's (reader, batches) of one epoch (ranks simulated by separate readers); ``batch_size``
+    per rank, so the global batch is ``batch_size * world_size``."""
     out = []
     for rank in range(world_size):
-        r = ShardReader(data, storage, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed)
+        r = ShardReader(data, storage, rank=rank, world_size=world_size, batch_size=batch_size * world_size, seed=seed)
         out.append((r, list(r.iterate(epoch))))
     return out
 

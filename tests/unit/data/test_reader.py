@@ -32,8 +32,8 @@ def uneven(tmp_path_factory):
 
 def test_reader_refuses_too_few_shards(tmp_path):
     write_dataset(str(tmp_path), None, [300])
-    with pytest.raises(Exception, match="too few or too large"):
-        ShardReader(DataConfig(url=str(tmp_path)), rank=0, world_size=2, batch_size=16)
+    with pytest.raises(Exception, match="number of data partitions"):
+        ShardReader(DataConfig(url=str(tmp_path)), rank=0, world_size=2, batch_size=32)
 
 
 def test_incomplete_dataset_is_not_read(tmp_path):
@@ -48,7 +48,7 @@ def test_loader_workers_resolved_once_for_the_device(uneven):
     auto = DataConfig(url=root)
     assert ShardReader(auto, batch_size=64).loader_workers == 0  # device="cpu" by default
     cuda = ShardReader(auto, batch_size=64, device="cuda")  # builds no DataLoader: no GPU needed
-    assert (cuda.loader_workers, cuda.streams_per_rank, cuda.layout()["streams_per_rank"]) == (2, 2, 2)
+    assert cuda.loader_workers == 2 and "loader_workers" not in cuda.layout()
     fixed = DataConfig(url=root, loader_workers=3)
     assert [ShardReader(fixed, batch_size=64, device=d).loader_workers for d in ("cpu", "cuda")] == [3, 3]
 
@@ -77,26 +77,64 @@ def test_every_image_once_per_epoch_in_process(uneven):
 def test_resume_in_process_equals_the_tail_of_an_uninterrupted_pass(uneven):
     root, _ = uneven
     data = DataConfig(url=root, loader_workers=0, shuffle_buffer=200, hflip=True)
-    reader = ShardReader(data, rank=0, world_size=2, batch_size=48, seed=7)
+    reader = ShardReader(data, rank=0, world_size=2, batch_size=96, seed=7)
     full = list(reader.iterate(1))
     assert reader.position == (2, 0)
 
-    first = ShardReader(data, rank=0, world_size=2, batch_size=48, seed=7)
+    first = ShardReader(data, rank=0, world_size=2, batch_size=96, seed=7)
     first.load_state_dict({"epoch": 1, "batch": 0, "layout": first.layout()})
     stream = first.stream()
     head = [next(stream) for _ in range(5)]
     state = first.state_dict()
     stream.close()
     assert (state["epoch"], state["batch"]) == (1, 5) and same_batches(head, full[:5])
-    second = ShardReader(data, rank=0, world_size=2, batch_size=48, seed=7)
+    second = ShardReader(data, rank=0, world_size=2, batch_size=96, seed=7)
     second.load_state_dict(json.loads(json.dumps(state)))
     assert same_batches(list(second.iterate(*second.position)), full[5:])
 
-    two_streams = ShardReader(
-        data.model_copy(update={"loader_workers": 2}), rank=0, world_size=2, batch_size=48, seed=7
-    )
-    with pytest.raises(ValueError, match="streams_per_rank"):
-        two_streams.load_state_dict(state)  # another layout: the stream cannot be continued exactly
+    other = ShardReader(data.model_copy(update={"partitions": 2}), rank=0, world_size=2, batch_size=96, seed=7)
+    with pytest.raises(ValueError, match="partitions"):
+        other.load_state_dict(state)  # another layout: the stream cannot be continued exactly
+
+
+def test_global_batches_equal_on_any_world_size_and_loader_workers(uneven):
+    """The samples, images and order of every global batch are the same on 1, 2, 3 or 4 ranks, with or
+    without DataLoader workers; a position saved on 2 ranks continues exactly on 1 and on 4."""
+    root, _ = uneven
+    data = DataConfig(url=root, loader_workers=0, shuffle_buffer=200, hflip=True)
+
+    def global_batches(world, workers=0, position=None):
+        ranks = []
+        for rank in range(world):
+            cfg = data.model_copy(update={"loader_workers": workers})
+            r = ShardReader(cfg, rank=rank, world_size=world, batch_size=128, seed=3)
+            if position:
+                r.load_state_dict(position)
+            ranks.append(list(r.iterate(*r.position)))
+        out = []
+        for pieces in zip(*ranks, strict=True):
+            assert len({(b.index, b.global_size) for b in pieces}) == 1
+            out.append(
+                (
+                    pieces[0].index,
+                    tuple(k for b in pieces for k in b.keys),
+                    torch.cat([b.images for b in pieces]),
+                    tuple(p for b in pieces for p in b.parts),
+                )
+            )
+        return out
+
+    one = global_batches(1)
+    assert [b[3] for b in one] == [(0, 1, 2, 3)] * len(one)
+    for other in (global_batches(2), global_batches(3), global_batches(4, workers=2)):
+        assert [(i, k, p) for i, k, _, p in other] == [(i, k, p) for i, k, _, p in one]
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(other, one, strict=True))
+    saved = ShardReader(data, rank=1, world_size=2, batch_size=128, seed=3)
+    saved.load_state_dict({"epoch": 0, "batch": 5, "layout": saved.layout()})
+    state = json.loads(json.dumps(saved.state_dict()))
+    for world in (1, 4):
+        tail = global_batches(world, position=state)
+        assert [(i, k) for i, k, _, _ in tail] == [(i, k) for i, k, _, _ in one[5:]]
 
 
 def test_data_package_imports_without_ray_and_mlflow():
@@ -121,7 +159,7 @@ DDP_SCRIPT = textwrap.dedent(
     from pipeline.data import ShardReader
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    reader = ShardReader(DataConfig(url={url!r}, loader_workers=2), rank=rank, world_size=world, batch_size=64)
+    reader = ShardReader(DataConfig(url={url!r}, loader_workers=2), rank=rank, world_size=world, batch_size=128)
     steps = images = skipped = 0
     for epoch in range(2):
         for batch in reader.iterate(epoch):

@@ -63,11 +63,11 @@ def _run_loop(
     candidates = lambda: sorted(store.iterdir(), key=lambda p: images_of(p.name), reverse=True)
     calls, original, original_init = [0], TrainState.train_step, TrainState.__init__
 
-    def train_step(self, micro_batches):
+    def train_step(self, micro_batches, **kw):
         calls[0] += 1
         if calls[0] in poison_calls:
             micro_batches = [m * float("nan") for m in micro_batches]
-        return original(self, micro_batches)
+        return original(self, micro_batches, **kw)
 
     kept = []
 
