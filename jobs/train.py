@@ -10,20 +10,25 @@ The work is done by ``pipeline.train.launch``.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from pipeline.cli import run_job
 from pipeline.config import Settings
+from pipeline.data.storage import join_url
 from pipeline.train import launch
+from pipeline.train.run_storage import RunStorage
 
 
-def _train(settings: Settings) -> int:
-    run_id = launch.preflight(settings)
+def _train(settings: Settings, run_id: str | None) -> int:
     t0 = time.time()
-    result = launch.launch(settings, run_id)
-    print(f"\ntraining run {settings.train.run_name!r} finished in {time.time() - t0:.0f} s")
-    if result.checkpoint:
-        print(f"latest checkpoint: {result.checkpoint.path}")
+    launch.launch(settings, run_id)
+    name = settings.train.run_name
+    print(f"\ntraining run {name!r} finished in {time.time() - t0:.0f} s")
+    # The checkpoints are RunStorage's (Ray Train's result holds none).
+    if newest := RunStorage(settings, name, tempfile.gettempdir()).candidates()[:1]:
+        print(f"latest checkpoint: {join_url(settings.storage.checkpoint_url, name, Path(newest[0]).name)}")
     if run_id:
         print(f"MLFLOW_RUN_ID={run_id}")
         print(f"MLflow run: {launch.run_page(settings, run_id)}")
@@ -32,7 +37,7 @@ def _train(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(Settings, _train, argv, prog="jobs/train.py", resolve=launch.name_run)
+    return run_job(Settings, _train, argv, prog="jobs/train.py", resolve=launch.name_run, preflight=launch.preflight)
 
 
 if __name__ == "__main__":
