@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
 import threading
 
+import ray
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
 from pipeline.train.failures import failure_reason, permanent_cause
+
+TESTED = "ray 2.60 (pyproject.toml pins the minor version)"
+try:  # Ray Train's failure policies are internal: a Ray that moved them is refused by name
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2._internal.execution.controller.controller import TrainController
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+except ImportError as e:
+    raise ImportError(
+        f"ray {ray.__version__}: Ray Train's failure-policy internals moved ({e}); {__name__} is written for {TESTED}"
+    ) from e
 
 
 class Policy(DefaultFailurePolicy):
@@ -38,15 +48,32 @@ class Policy(DefaultFailurePolicy):
         return super().make_decision(e)
 
 
-class Trainer(TorchTrainer):
-    """Ray Train's TorchTrainer with ``Policy`` (Ray Train builds its default policy from the
-    FailureConfig and offers no setting for another one)."""
+def check_ray_api() -> None:
+    """Refuse a Ray where ``Trainer`` could not put its policy in place: Ray Train builds its default
+    policy inside ``fit()`` and hands it to the controller through a private method, with no public
+    setting for another one; an override that is never called would silently restore Ray's policy."""
+    hands_over = callable(getattr(TorchTrainer, "_initialize_and_run_controller", None))
+    if not (hands_over and "failure_policy" in inspect.signature(TrainController.__init__).parameters):
+        raise RuntimeError(
+            f"ray {ray.__version__}: Ray Train no longer hands its failure policy to the controller through "
+            f"TorchTrainer._initialize_and_run_controller(failure_policy=...); {__name__} is written for {TESTED}"
+        )
 
-    def _initialize_and_run_controller(self, **kwargs):
-        kwargs["failure_policy"] = Policy(self.run_config.failure_config, self.waiting_for)
-        return super()._initialize_and_run_controller(**kwargs)
+
+class Trainer(TorchTrainer):
+    """Ray Train's TorchTrainer with ``Policy`` (see ``check_ray_api``)."""
 
     waiting_for = "the worker group"
+
+    def __init__(self, *args, **kwargs) -> None:
+        check_ray_api()
+        super().__init__(*args, **kwargs)
+
+    def _initialize_and_run_controller(self, **kwargs):
+        if "failure_policy" not in kwargs:
+            raise RuntimeError(f"ray {ray.__version__}: fit() passed no failure_policy to the controller; {TESTED}")
+        kwargs["failure_policy"] = Policy(self.run_config.failure_config, self.waiting_for)
+        return super()._initialize_and_run_controller(**kwargs)
 
 
 def fit(trainer: Trainer, tracking_uri: str | None, mlflow_run_id: str | None):
