@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from infra.stack import Stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,15 +35,6 @@ TRAIN_ARGS = [
 SAMPLE_ARGS = ["--num-images", "256", "--batch-size", "64", "--workers", "2"]
 PROGRESS_EVERY_S = 10.0  # the sampling job's progress bar, captured here, becomes a line this often
 BAR = re.compile(r"^sampling:\s+(\d+)%\|")
-
-
-def demo_workers() -> int:
-    """2 CPU workers; where there are GPUs, one worker per GPU (at most 2): with ``use_gpu=auto``
-    the train job refuses more workers than GPUs."""
-    import torch
-
-    gpus = torch.cuda.device_count()
-    return min(2, gpus) if gpus else 2
 
 
 def phase(name: str, timings: dict[str, float], fn):
@@ -94,12 +87,14 @@ def main() -> int:
     # --working-dir: the job runs from a copy of this checkout (what .gitignore leaves out stays here);
     # the job's driver takes S3 and MLflow from the Ray head's environment, which the stack set.
     ray_cli = str(Path(py).parent / "ray")
+    gpus = torch.cuda.device_count()  # one worker per GPU (at most 2): use_gpu=auto refuses more workers than GPUs
     train_cmd = [ray_cli, "job", "submit", "--address", env["RAY_ADDRESS"], "--working-dir", str(REPO), "--"]
-    train_cmd += ["python", "jobs/train.py", *TRAIN_ARGS, "--cluster.num-workers", str(demo_workers())]
+    train_cmd += ["python", "jobs/train.py", *TRAIN_ARGS, "--cluster.num-workers", str(min(2, gpus) if gpus else 2)]
     train_cmd += ["--train.run-name", run_name, *args.train_args]
-    found = re.search(r"MLFLOW_RUN_ID=([0-9a-f]{32})", phase("training", timings, lambda: run(train_cmd, env)))
-    if not found:
-        raise SystemExit("demo: the training job did not report an MLflow run id (is tracking configured?)")
+    train_logs = phase("training", timings, lambda: run(train_cmd, env))
+    found, page = re.search(r"MLFLOW_RUN_ID=([0-9a-f]{32})", train_logs), re.search(r"MLflow run: (\S+)", train_logs)
+    if not (found and page):
+        raise SystemExit("demo: the training job did not report an MLflow run (is tracking configured?)")
     run_id = found.group(1)
 
     out_dir = REPO / "outputs" / run_name
@@ -107,16 +102,12 @@ def main() -> int:
     sample_cmd += ["--sample.method", args.sample_method]  # ddim: the job's default of 50 steps
     sample_logs = phase("sampling", timings, lambda: run(sample_cmd, env))
 
-    from mlflow.tracking import MlflowClient
-
-    uri = env["MLFLOW_TRACKING_URI"].rstrip("/")
-    exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
     grid = re.search(r'"grid.png": "([^"]+)"', sample_logs)
     fd = re.search(r'"(eval/[^"]*fd[^"]*)": ([0-9.e+-]+)', sample_logs)
     print("\n=== done ===")
-    print(f"MLflow UI:        {uri}")
+    print(f"MLflow UI:        {env['MLFLOW_TRACKING_URI'].rstrip('/')}")
     print(f"training run:     {run_name} (MLflow run id {run_id})")
-    print(f"run page:         {uri}/#/experiments/{exp_id}/runs/{run_id}")
+    print(f"run page:         {page.group(1)}")
     if grid:
         print(f"sample grid:      MLflow artifact {grid.group(1)} (run page > Artifacts); local copy {out_dir}")
     if fd:
