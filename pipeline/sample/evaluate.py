@@ -528,6 +528,16 @@ def _evaluate(s: SampleSettings, work: Path, *, after_batch: Callable | None, lo
     (out / "settings.json").write_text(json.dumps(settings_doc, indent=2, default=str) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics_doc, indent=2, default=str) + "\n")
     folder = run.log_evaluation(name, out, metrics, step=ckpt.images_seen)
+    fd = (
+        f"; Frechet distance {quality[f'fd_{fs}']:.2f} (real-data floor {quality[f'fd_{fs}_floor']:.2f})"
+        if quality
+        else ""
+    )
+    note = f"Evaluation {name}: {n} images from {artifact} with {tag}{fd}; grid at {folder}/grid.png."
+    try:  # the results are logged already; the description is a convenience
+        run.append_note(note)
+    except TrackingError as e:
+        log(f"WARNING: {e}")
     return {
         "run_id": s.run_id,
         "eval_name": name,
