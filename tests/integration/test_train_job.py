@@ -160,12 +160,12 @@ def test_two_worker_run_checkpoints_and_tracks(stack, uninterrupted):
     assert "mlflow.source.git.commit" in tags or prov["git_commit"] is None
     assert DATA_URL in tags["mlflow.note.content"] and "Final training loss" in tags["mlflow.note.content"]
     assert any(k.startswith("system/") for k in client.get_run(run.info.run_id).data.metrics)
-
-
     # The finished run registered its model: a version of ddpm-<dataset> made from the final checkpoint.
     versions = client.search_model_versions(f"name = 'ddpm-test-train-digits' and run_id = '{run.info.run_id}'")
     assert len(versions) == 1 and versions[0].tags["ddpm.checkpoint"] == ckpts[-1], versions
     assert f"as models:/ddpm-test-train-digits/{versions[0].version}" in logs
+
+
 def test_resume_equals_uninterrupted(stack, uninterrupted):
     """Stop after 640 images, resubmit with --train.resume: the losses that follow equal run A's."""
     name_a, _ = uninterrupted
