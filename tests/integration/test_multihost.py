@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -44,9 +45,8 @@ TRAIN = [
     "--cluster.num-workers", "2",
     "--cluster.threads-per-worker", "1",
 ]  # fmt: skip
-# Enough batches that the second host's actor (runtime env download, torch import) gets some before the
-# head's actor has done them all.
-SAMPLE = ["--num-images", "128", "--batch-size", "8", "--chunk", "8", "--workers", "2", "--no-quality", "--no-progress"]
+# The pool waits for both actors to be ready, so a few batches each are enough.
+SAMPLE = ["--num-images", "64", "--batch-size", "8", "--chunk", "8", "--workers", "2", "--no-quality", "--no-progress"]
 SAMPLE += ["--sample.method", "ddim", "--sample.steps", "10"]
 
 FIGURES: dict[str, object] = {}
@@ -120,8 +120,6 @@ def checkpoints(env, run_name: str) -> list[str]:
 
 
 def images_per_s(logs: str) -> float | None:
-    import re
-
     found = re.findall(r"([\d,.]+) images/s", logs)
     return float(found[-1].replace(",", "")) if found else None
 
@@ -204,3 +202,104 @@ def test_sampling_fans_out_over_both_hosts_byte_identical_to_one_host(cluster, o
         "two_hosts": round(doc["cost"]["images_per_s"], 2),
         "one_host": round(one["cost"]["images_per_s"], 2),
     }
+    FIGURES["sampling_actors_ready_s"] = {
+        "two_hosts": round(doc["cost"]["startup_s"], 1),
+        "one_host": round(one["cost"]["startup_s"], 1),
+    }
+    FIGURES["sampling_batches_per_host"] = {a["node_ip"]: a["batches"] for a in doc["per_actor"]}
+
+
+def _progress_images(logs: str) -> int | None:
+    found = re.findall(r"\[train\] ([\d,]+)/[\d,]+ images \(", logs)
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def _by_group(values: list[tuple[int, float]], changes: list[tuple[int, float]]) -> list[tuple[int, list[float]]]:
+    """``values`` (step, value) split at the world-size ``changes`` (step, workers): [(workers, values)]."""
+    out: list[tuple[int, list[float]]] = [(int(w), []) for _, w in changes]
+    for step, v in values:
+        i = max((j for j, (s, _) in enumerate(changes) if s <= step), default=None)
+        if i is not None:
+            out[i][1].append(v)
+    return out
+
+
+def test_elastic_group_shrinks_on_host_loss_and_grows_back(cluster):
+    """``--cluster.num-workers 1-2``: the second host is killed mid-run, training goes on with one worker from
+    the last checkpoint, the host comes back and the group grows back to two. Figures: docs/elastic.md."""
+    env, name = cluster.env, f"el-{uuid.uuid4().hex[:8]}"
+    if not cluster.node_alive():
+        cluster.start_node()
+    total, every = 16000, 1600
+    args = [a for a in TRAIN if a not in ("--cluster.num-workers", "2")]
+    args = [*args, "--train.total-images", str(total), "--train.checkpoint-every-images", str(every)]
+    args += ["--cluster.num-workers", "1-2", "--cluster.resize-interval-s", "5", "--cluster.max-failures", "3"]
+    args += ["--train.progress-every-s", "1", "--train.run-name", name, "--cluster.socket-ifname", IFNAME]
+    t: dict[str, float] = {}
+    events: list[tuple[float, str]] = []
+
+    def drive(client, job_id):
+        logs = client.get_job_logs(job_id)
+        now = time.monotonic()
+        if "kill" not in t:
+            if "world_size=2" in logs and checkpoints(env, name):
+                t["images_at_kill"] = _progress_images(logs) or 0
+                t["kill"], t["lines"] = now, len(logs.splitlines())
+                cluster.kill_node()
+            return
+        if "small" not in t and re.search(r"resumed at \d+ images; world_size=1", logs):
+            t["small"] = now
+        for line in logs.splitlines()[int(t.get("lines", 0)) :]:  # when each line showed up, for the figures
+            events.append((round(now - t["kill"], 1), line[:160]))
+        t["lines"] = len(logs.splitlines())
+        if "small" in t and "small_step" not in t:
+            tail = logs[logs.rfind("world_size=1") :]
+            if _progress_images(tail) is not None:
+                t["small_step"] = now
+                t["node_restart_s"] = cluster.start_node()
+                t["node_back"] = time.monotonic()
+        if "node_back" in t and "grown" not in t and "world_size=2" in logs[logs.rfind("world_size=1") :]:
+            t["grown"] = now
+
+    status, logs, wall = submit(env, "jobs/train.py", args, on_poll=drive, timeout=900)
+    print("\njob log lines after the kill (seconds after it):")
+    print(
+        "\n".join(
+            f"{s:7.1f} {line}"
+            for s, line in events
+            if ("[train]" in line or "orker" in line) and "images (" not in line
+        )
+    )
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert {"kill", "small", "small_step", "grown"} <= t.keys(), (t, logs[-5000:])
+
+    client, run = run_of(env, name)
+    rid = run.info.run_id
+    by_time = sorted(client.get_metric_history(rid, "train/images_seen"), key=lambda m: m.timestamp)
+    seen = [(m.step, m.value) for m in by_time]
+    steps = [s for s, _ in seen]
+    assert steps == sorted(set(steps)), "duplicate or backwards MLflow steps"
+    assert steps[-1] >= total and all(s == v for s, v in seen)
+    sizes = sorted((m.step, m.value) for m in client.get_metric_history(rid, "train/world_size"))
+    changes = [(s, w) for i, (s, w) in enumerate(sizes) if i == 0 or w != sizes[i - 1][1]]
+    assert [w for _, w in changes] == [2.0, 1.0, 2.0], sizes
+    tags = {k: v for k, v in client.get_run(rid).data.tags.items() if k.startswith("elastic.resize.")}
+    assert sorted(v.split(" workers")[0] for v in tags.values()) == ["1 -> 2", "2 -> 1"], tags
+
+    resumed = [int(x) for x in re.findall(r"resumed at (\d+) images; world_size=1", logs)]
+    redone = t["images_at_kill"] - resumed[0]
+    rates = _by_group([(m.step, m.value) for m in client.get_metric_history(rid, "train/images_per_s")], changes)
+    figures = {
+        "wall_s": round(wall, 1),
+        "kill_to_smaller_group_s": round(t["small"] - t["kill"], 1),
+        "kill_to_first_step_on_smaller_group_s": round(t["small_step"] - t["kill"], 1),
+        "images_redone_after_loss": redone,
+        "checkpoint_every_images": every,
+        "node_restart_s": round(t["node_restart_s"], 1),
+        "node_back_to_grown_group_s": round(t["grown"] - t["node_back"], 1),
+        "world_sizes": sizes,
+        "images_per_s_median": [(w, round(float(np.median(v[1:] or v)), 1)) for w, v in rates if v],
+    }
+    FIGURES["elastic"] = figures
+    assert figures["kill_to_first_step_on_smaller_group_s"] <= 90, figures
+    assert 0 <= redone <= every, figures
