@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -98,6 +99,18 @@ def s3_checkpoints(env, name):
     return sorted({o["Key"] for o in objs})
 
 
+def restored_images(logs) -> int | None:
+    """Images seen by the checkpoint a worker group restored from, None if it restored none."""
+    m = re.search(r"\] restored \S+ \((\d+) images seen\)", logs)
+    return int(m[1]) if m else None
+
+
+def furthest_progress(logs) -> int:
+    """The most images a progress line reported before the first restore (or in all of ``logs``)."""
+    before = logs.split("] restored ", 1)[0]
+    return max((int(n.replace(",", "")) for n in re.findall(r"\[train\] ([\d,]+)/[\d,]+ images", before)), default=0)
+
+
 def artifacts(client, run_id, path=None):
     out = []
     for a in client.list_artifacts(run_id, path):
@@ -149,6 +162,10 @@ def test_two_worker_run_checkpoints_and_tracks(stack, uninterrupted):
     model_for_sampling(state)
     prov = json.loads(Path(client.download_artifacts(run.info.run_id, "provenance.json")).read_text())
     assert prov["world_size"] == 2 and prov["packages"]["torch"] and prov["dataset_manifest_sha256"]
+    # The finished run registered its model: a version of ddpm-<dataset> made from the final checkpoint.
+    versions = client.search_model_versions(f"name = 'ddpm-test-train-digits' and run_id = '{run.info.run_id}'")
+    assert len(versions) == 1 and versions[0].tags["ddpm.checkpoint"] == ckpts[-1], versions
+    assert f"as models:/ddpm-test-train-digits/{versions[0].version}" in logs
     # The run page: data inputs with the manifest digest, source tags, a description, system metrics.
     inputs = {i.dataset.name: i for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
     train = inputs[f"{DATA_URL}/train"]
@@ -160,10 +177,6 @@ def test_two_worker_run_checkpoints_and_tracks(stack, uninterrupted):
     assert "mlflow.source.git.commit" in tags or prov["git_commit"] is None
     assert DATA_URL in tags["mlflow.note.content"] and "Final training loss" in tags["mlflow.note.content"]
     assert any(k.startswith("system/") for k in client.get_run(run.info.run_id).data.metrics)
-    # The finished run registered its model: a version of ddpm-<dataset> made from the final checkpoint.
-    versions = client.search_model_versions(f"name = 'ddpm-test-train-digits' and run_id = '{run.info.run_id}'")
-    assert len(versions) == 1 and versions[0].tags["ddpm.checkpoint"] == ckpts[-1], versions
-    assert f"as models:/ddpm-test-train-digits/{versions[0].version}" in logs
 
 
 def test_resume_equals_uninterrupted(stack, uninterrupted):
@@ -172,11 +185,13 @@ def test_resume_equals_uninterrupted(stack, uninterrupted):
     name = f"test-b-{uuid.uuid4().hex[:6]}"
     status, logs = submit(stack.env, COMMON + ["--train.run-name", name, "--train.total-images", "640"])
     assert status == "SUCCEEDED", logs[-4000:]
+    # The second part runs as an elastic group (1-2 workers): on this 2-CPU cluster it gets both.
+    elastic = ["--cluster.num-workers", "1-2", "--cluster.resize-interval-s", "5"]
     status, logs = submit(
-        stack.env, COMMON + ["--train.run-name", name, "--train.total-images", "1600", "--train.resume"]
+        stack.env, COMMON + ["--train.run-name", name, "--train.total-images", "1600", "--train.resume", *elastic]
     )
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "restored" in logs
+    assert "restored" in logs and "waiting for 1-2 Ray Train workers" in logs and "world_size=2" in logs
     client, run_b = mlflow_run(stack.env, name)
     _, run_a = mlflow_run(stack.env, name_a)
     a = dict(history(client, run_a.info.run_id, "train/loss"))
@@ -190,17 +205,22 @@ def test_resume_equals_uninterrupted(stack, uninterrupted):
     # all-reduce); stated tolerance 1e-4 relative.
     for s, v in after:
         assert v == pytest.approx(a[s], rel=1e-4), (s, v, a[s])
+    assert {v for _, v in history(client, run_b.info.run_id, "train/world_size")} == {2.0}
 
 
 def test_killed_worker_resumes_from_last_checkpoint(stack, digits_shards):
     import psutil
 
+    from pipeline.checkpoint import images_of
+
     name = f"test-c-{uuid.uuid4().hex[:6]}"
-    killed = []
+    killed, newest = [], []
 
     def kill_a_worker_after_first_checkpoint():
-        if not any(k.endswith("/meta.json") for k in s3_checkpoints(stack.env, name)):
+        written = [images_of(k.split("/")[2]) for k in s3_checkpoints(stack.env, name) if k.endswith("/meta.json")]
+        if not written:
             return False
+        newest[:] = [max(written)]
         for p in psutil.process_iter(["cmdline"]):
             try:
                 if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.environ().get("DDPM_STACK_DIR") == str(
@@ -214,10 +234,14 @@ def test_killed_worker_resumes_from_last_checkpoint(stack, digits_shards):
         return False
 
     args = COMMON + ["--train.run-name", name, "--train.total-images", "3200", "--cluster.max-failures", "2"]
+    args += ["--train.progress-every-s", "1"]
     status, logs = submit(stack.env, args, on_running=kill_a_worker_after_first_checkpoint)
     assert killed, "no training worker was found to kill"
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "restored" in logs
+    # From the newest checkpoint: images redone below one checkpoint interval (+ the step that crossed it).
+    restored = restored_images(logs)
+    assert restored is not None and restored >= newest[0], (restored, newest)
+    assert furthest_progress(logs) - restored <= 640 + 32, (furthest_progress(logs), restored)
     client, run = mlflow_run(stack.env, name)
     seen = history(client, run.info.run_id, "train/images_seen")
     steps = [s for s, _ in seen]
