@@ -58,6 +58,8 @@ def find_or_create_run(uri: str, experiment: str, run_name: str) -> str:
         run_id = runs[0].info.run_id
         if runs[0].info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
+        if FAILURE_TAG in runs[0].data.tags:  # a resumed run is no longer failed; a new failure tags it again
+            client.delete_tag(run_id, FAILURE_TAG)
         return run_id
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
     return run.info.run_id

@@ -1,23 +1,45 @@
-"""Fault injection on the real stack: storage outages, unusable checkpoints, permanent errors.
+"""Fault injection on the real stack: storage and tracking outages, unusable checkpoints, permanent errors.
 
 Each test trains the `tiny` U-Net on the digits shards (8x8) with 2 Ray Train workers through
-`ray job submit`, injects one fault, and checks the run's outcome, the MLflow run state and step
-history, and the checkpoints left in storage. Services are stopped and restarted through infra.stack's
-own API, and always brought back (healthy) in a finalizer: other pytest sessions share this stack.
+`ray job submit` (checkpoints every 640 images, 2 kept), injects one fault, and checks the run's
+outcome, the images redone, the MLflow run state and step history, and the checkpoints left in
+storage. Services are stopped and restarted through infra.stack's own API, and always brought back
+(healthy) in a finalizer: other pytest sessions share this stack. Worker SIGKILL is
+tests/integration/test_train_job.py::test_killed_worker_resumes_from_last_checkpoint. The figures
+printed as ``FIGURE`` lines are those of docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import re
+import statistics
 import threading
 import time
 import uuid
 
 import pytest
 
-from tests.integration.test_train_job import COMMON, digits_shards, history, mlflow_run, s3_checkpoints, submit
+from pipeline.checkpoint import images_of
+from tests.integration.test_train_job import (
+    COMMON,
+    digits_shards,
+    furthest_progress,
+    history,
+    mlflow_run,
+    restored_images,
+    s3_checkpoints,
+    submit,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.faults]
 __all__ = ["digits_shards"]  # the module-scoped fixture, shared with test_train_job
+
+EVERY = 640  # --train.checkpoint-every-images in COMMON
+BATCH = 32  # --train.batch-size in COMMON: a checkpoint lands on the step that crosses a multiple of EVERY
+ARGS = COMMON + ["--train.progress-every-s", "1"]
 
 
 @pytest.fixture
@@ -28,101 +50,234 @@ def restores(stack):
     assert all(stack.stack._healthy(n) for n in ("s3", "mlflow")), "the stack did not come back healthy"
 
 
-def _outage(stack, service: str, after, seconds: float, log: list):
-    """Once ``after()`` holds: stop ``service`` by its PIDs for ``seconds``, then start it again."""
+def _outage(stack, service: str, after, seconds: float, log: dict):
+    """Once ``after()`` holds: stop ``service`` by its PIDs for ``seconds``, then start it again;
+    ``log`` gets the times ``down`` and ``up`` (when it answers again), monotonic and ``*_wall``."""
 
     def run():
+        deadline = time.monotonic() + 300
         while not after():
-            time.sleep(0.5)
-        t0 = time.monotonic()
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.3)
+        log["down"], log["down_wall"] = time.monotonic(), time.time()
         stack.stack.down(services=[service])
-        log.append(("down", t0))
         time.sleep(seconds)
         stack.stack.up(timeout=240, services=[service])
-        log.append(("up", time.monotonic()))
+        log["up"], log["up_wall"] = time.monotonic(), time.time()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
 
 
+def _s3(env):
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+    )  # fmt: skip
+
+
 def _checkpoint_names(env, name):
+    """The run's complete checkpoints (meta.json written last), oldest first."""
     return sorted({k.split("/")[2] for k in s3_checkpoints(env, name) if k.endswith("/meta.json")})
 
 
-def _no_duplicate_steps(client, run_id, total):
-    steps = [s for s, _ in history(client, run_id, "train/images_seen")]
+def _step_history(client, run_id, total):
+    """train/images_seen in MLflow: no duplicate or backward step, no gap, the counter equals its step,
+    up to the total."""
+    seen = history(client, run_id, "train/images_seen")
+    steps = [s for s, _ in seen]
     assert steps == sorted(set(steps)), "duplicate or backwards MLflow steps"
-    assert steps[-1] >= total
+    assert steps[-1] >= total and all(s == v for s, v in seen)
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert max(gaps) <= 1.5 * statistics.median(gaps), f"a gap in the MLflow step history: {max(gaps)} images"
+    return steps
 
 
 def test_s3_outage_mid_run_is_ridden_through(stack, digits_shards, restores):
     name = f"fault-s3-{uuid.uuid4().hex[:6]}"
-    events: list = []
-    first_checkpoint = lambda: bool(_checkpoint_names(stack.env, name))  # noqa: E731
-    outage = _outage(stack, "s3", first_checkpoint, 20, events)
-    args = COMMON + ["--train.run-name", name, "--train.total-images", "3200", "--storage.outage-s", "120"]
+    when: dict = {}
+    outage = _outage(stack, "s3", lambda: bool(_checkpoint_names(stack.env, name)), 20, when)
+    args = ARGS + ["--train.run-name", name, "--train.total-images", "3200", "--storage.outage-s", "120"]
     t0 = time.monotonic()
     status, logs = submit(stack.env, args)
+    end = time.monotonic()
     outage.join(timeout=300)
-    assert [e for e, _ in events] == ["down", "up"], logs[-3000:]
+    assert "up" in when, logs[-3000:]
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "restored" not in logs, "the outage restarted the worker group instead of being ridden through"
+    assert "[storage] waiting for" in logs, "the outage never reached the run"
+    assert restored_images(logs) is None, "the outage restarted the worker group instead of being ridden through"
     client, run = mlflow_run(stack.env, name)
     assert run.info.status == "FINISHED"
-    _no_duplicate_steps(client, run.info.run_id, 3200)
+    _step_history(client, run.info.run_id, 3200)
     names = _checkpoint_names(stack.env, name)
-    assert len(names) == 2 and names[-1].startswith("images_000000003200"), names
-    print(f"FIGURE s3 outage 20 s: run {time.monotonic() - t0:.0f} s, images redone 0")
+    assert len(names) == 2 and images_of(names[-1]) >= 3200, names
+    print(
+        f"FIGURE s3 outage {when['up'] - when['down']:.0f} s mid-run: survived, images redone 0, "
+        f"run {end - t0:.0f} s, finished {end - when['up']:.0f} s after S3 was back"
+    )
 
 
-def test_planted_pickle_checkpoint_falls_back_and_keeps_two(stack, digits_shards):
-    import hashlib
-    import io
-    import json
+def test_s3_down_during_retention_postpones_it_and_never_fails(stack, restores, tmp_path, monkeypatch, capfd):
+    """Retention (RunStorage.retain, right after each upload) with S3 gone: within storage.outage_s it
+    waits and deletes; beyond it, it gives up quietly and the next retention catches up."""
+    from pipeline.checkpoint import META_FILE, checkpoint_name
+    from pipeline.config import Settings
+    from pipeline.train.run_storage import RunStorage
 
-    import boto3
+    for k, v in stack.env.items():
+        monkeypatch.setenv(k, v)
+    settings = Settings.from_cli(["--storage.outage-s", "60"])
+    name = f"fault-retain-{uuid.uuid4().hex[:6]}"
+    run = RunStorage(settings, name, tmp_path)
+
+    def write(images):
+        d = tmp_path / checkpoint_name(images)
+        d.mkdir()
+        (d / "checkpoint.pt").write_bytes(b"\0" * 4096)
+        (d / META_FILE).write_text("{}")
+        return run.upload(d, d.name)
+
+    paths = [write(n) for n in (640, 1280, 1920)]
+    stack.stack.down(services=["s3"])
+    back = threading.Thread(target=lambda: (time.sleep(5), stack.stack.up(timeout=240, services=["s3"])))
+    t0 = time.monotonic()
+    back.start()
+    deleted = run.retain(2, paths[-1])
+    waited = time.monotonic() - t0
+    back.join()
+    assert deleted == [paths[0]] and waited >= 5, (deleted, waited)
+    assert "[storage] waiting for" in capfd.readouterr().err
+    assert _checkpoint_names(stack.env, name) == [checkpoint_name(1280), checkpoint_name(1920)]
+
+    run.storage = settings.storage.model_copy(update={"outage_s": 3.0})
+    paths.append(write(2560))
+    stack.stack.down(services=["s3"])
+    try:
+        t0 = time.monotonic()
+        assert run.retain(2, paths[-1]) == []
+        gave_up = time.monotonic() - t0
+    finally:
+        stack.stack.up(timeout=240, services=["s3"])
+    assert "checkpoint retention postponed (StorageUnreachableError" in capfd.readouterr().out
+    assert gave_up < 30, gave_up
+    assert run.retain(2, paths[-1]) == [paths[1]]
+    assert _checkpoint_names(stack.env, name) == [checkpoint_name(1920), checkpoint_name(2560)]
+    print(
+        f"FIGURE s3 down during retention: waited {waited:.0f} s and deleted; beyond outage_s gave up in {gave_up:.0f} s"
+    )
+
+
+def test_s3_outage_longer_than_outage_s_fails_clearly_and_resume_continues(stack, digits_shards, restores):
+    name = f"fault-s3long-{uuid.uuid4().hex[:6]}"
+    when: dict = {}
+    outage = _outage(stack, "s3", lambda: bool(_checkpoint_names(stack.env, name)), 25, when)
+    args = ARGS + ["--train.run-name", name, "--storage.outage-s", "5", "--cluster.max-failures", "0"]
+    status, logs = submit(stack.env, args + ["--train.total-images", "12800"])
+    failed = time.monotonic()
+    outage.join(timeout=300)
+    assert status == "FAILED", logs[-4000:]
+    assert "error: training failed: " in logs and "StorageUnreachableError" in logs, logs[-3000:]
+    assert re.search(r"unreachable for \d+ s while .*\(storage\.outage_s=5\)", logs), logs[-3000:]
+    client, run = mlflow_run(stack.env, name)
+    assert run.info.status == "FAILED" and "StorageUnreachableError" in run.data.tags["ddpm.failure_reason"]
+    names = _checkpoint_names(stack.env, name)
+    newest, reached = images_of(names[-1]), furthest_progress(logs)
+    assert 0 < len(names) <= 2 and reached < 12800, (names, reached)
+
+    total = newest + 2 * EVERY
+    status, logs = submit(stack.env, args + ["--train.total-images", str(total), "--train.resume"])
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert restored_images(logs) == newest, (names, logs[-3000:])
+    assert reached - newest <= EVERY + BATCH, (reached, newest)
+    client, run = mlflow_run(stack.env, name)
+    assert run.info.status == "FINISHED" and "ddpm.failure_reason" not in run.data.tags
+    _step_history(client, run.info.run_id, total)
+    left = _checkpoint_names(stack.env, name)
+    assert len(left) == 2 and images_of(left[-1]) >= total, left
+    print(
+        f"FIGURE s3 outage {when['up'] - when['down']:.0f} s > storage.outage_s=5: failed "
+        f"{failed - when['down']:.0f} s after S3 went away; --train.resume redid {reached - newest} images"
+    )
+
+
+def test_mlflow_restarted_mid_run_metrics_are_back_filled(stack, digits_shards, restores):
+    name = f"fault-mlflow-{uuid.uuid4().hex[:6]}"
+    when: dict = {}
+    outage = _outage(stack, "mlflow", lambda: bool(_checkpoint_names(stack.env, name)), 5, when)
+    args = ARGS + ["--train.run-name", name, "--train.total-images", "3200"]
+    t0 = time.monotonic()
+    status, logs = submit(stack.env, args)
+    end = time.monotonic()
+    outage.join(timeout=300)
+    assert "up" in when, logs[-3000:]
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert restored_images(logs) is None
+    client, run = mlflow_run(stack.env, name)
+    assert run.info.status == "FINISHED"
+    steps = _step_history(client, run.info.run_id, 3200)
+    # Logged (time-stamped) while the server was away, sent once it was back.
+    away = client.get_metric_history(run.info.run_id, "train/images_seen")
+    away = [m.step for m in away if when["down_wall"] <= m.timestamp / 1000 <= when["up_wall"]]
+    assert away, "the outage never reached the run"
+    loss = [s for s, _ in history(client, run.info.run_id, "train/loss")]
+    assert loss == sorted(set(loss)) and len(loss) == len(steps)
+    # Every sampling checkpoint logged while MLflow was away arrived too.
+    arts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert len(arts) == len(range(EVERY, 3200 + 1, EVERY)), arts
+    assert len(_checkpoint_names(stack.env, name)) == 2
+    print(
+        f"FIGURE mlflow outage {when['up'] - when['down']:.0f} s mid-run: survived, images redone 0, "
+        f"{len(away)} logs back-filled without gaps or duplicates, run {end - t0:.0f} s"
+    )
+
+
+def test_planted_pickle_and_flipped_byte_fall_back_past_both(stack, digits_shards):
+    """The newest checkpoint replaced by a pickle payload with a matching sha256 (anyone who can write
+    the bucket), the one before it with one byte flipped: the resume skips both, restores the third,
+    and writes a new generation of names."""
+    name = f"fault-ckpt-{uuid.uuid4().hex[:6]}"
+    args = ARGS + ["--train.run-name", name, "--train.keep-checkpoints", "3"]
+    status, logs = submit(stack.env, args + ["--train.total-images", "1920"])
+    assert status == "SUCCEEDED", logs[-3000:]
+    reached = furthest_progress(logs)
+    names = _checkpoint_names(stack.env, name)
+    assert len(names) == 3, names
+    s3, bucket = _s3(stack.env), "ddpm-checkpoints"
     import torch
 
-    name = f"fault-pickle-{uuid.uuid4().hex[:6]}"
-    args = COMMON + ["--train.run-name", name, "--train.total-images", "1280"]
-    status, logs = submit(stack.env, args)
-    assert status == "SUCCEEDED", logs[-3000:]
-    names = _checkpoint_names(stack.env, name)
-    assert len(names) == 2
-    # An attacker with write access replaces the newest checkpoint with a pickle payload and a matching sha256.
     buf = io.BytesIO()
-    torch.save({"model": {"x": set()}}, buf)  # a set is not allowed by weights_only loading
+    torch.save({"model": {"x": {1, 2}}}, buf)  # a set: refused by weights_only loading
     data = buf.getvalue()
-    env = stack.env
-    s3 = boto3.client(
-        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-    )  # fmt: skip
     key = f"runs/{name}/{names[-1]}"
-    meta = json.loads(s3.get_object(Bucket="ddpm-checkpoints", Key=f"{key}/meta.json")["Body"].read())
+    meta = json.loads(s3.get_object(Bucket=bucket, Key=f"{key}/meta.json")["Body"].read())
     meta |= {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    s3.put_object(Bucket="ddpm-checkpoints", Key=f"{key}/checkpoint.pt", Body=data)
-    s3.put_object(Bucket="ddpm-checkpoints", Key=f"{key}/meta.json", Body=json.dumps(meta).encode())
-    args = COMMON + ["--train.run-name", name, "--train.total-images", "1920", "--train.resume"]
-    status, logs = submit(stack.env, args)
+    s3.put_object(Bucket=bucket, Key=f"{key}/checkpoint.pt", Body=data)
+    s3.put_object(Bucket=bucket, Key=f"{key}/meta.json", Body=json.dumps(meta).encode())
+    key = f"runs/{name}/{names[-2]}/checkpoint.pt"
+    body = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+
+    status, logs = submit(stack.env, args + ["--train.total-images", "2560", "--train.resume"])
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "unusable checkpoint" in logs and "restored" in logs
+    assert logs.count("unusable checkpoint") == 2, logs[-4000:]
+    assert restored_images(logs) == images_of(names[0])
     left = _checkpoint_names(stack.env, name)
-    # The fallback run writes new-generation names; the planted one is gone, two good ones remain.
-    assert names[-1] not in left and len(left) == 2 and all(n.endswith("-g1") for n in left), left
+    # New-generation names only: the two unusable ones and the old good one are gone, three good ones remain.
+    assert len(left) == 3 and all(n.endswith("-g1") for n in left), left
     client, run = mlflow_run(stack.env, name)
     assert run.info.status == "FINISHED"
+    _step_history(client, run.info.run_id, 2560)
+    print(f"FIGURE pickle + flipped byte: fell back 2 checkpoints, images redone {reached - images_of(names[0])}")
 
 
 def test_strict_mode_bad_shard_fails_at_once_and_marks_the_run_failed(stack, digits_shards):
-    import boto3
-
     env = stack.env
-    s3 = boto3.client(
-        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-    )  # fmt: skip
+    s3 = _s3(env)
     url = "s3://ddpm-data/test-faults-corrupt"
     src = digits_shards.removeprefix("s3://ddpm-data/")
     for obj in s3.list_objects_v2(Bucket="ddpm-data", Prefix=src + "/")["Contents"]:
@@ -138,7 +293,8 @@ def test_strict_mode_bad_shard_fails_at_once_and_marks_the_run_failed(stack, dig
     status, logs = submit(stack.env, args)
     assert status == "FAILED", logs[-3000:]
     assert "not retried" in logs and "ShardError" in logs
-    assert logs.count("restored") == 0 and "[FailurePolicy] RETRY" not in logs
+    assert restored_images(logs) is None and "[FailurePolicy] RETRY" not in logs
     client, run = mlflow_run(stack.env, name)
     assert run.info.status == "FAILED" and "ShardError" in run.data.tags["ddpm.failure_reason"]
+    assert _checkpoint_names(stack.env, name) == []
     print(f"FIGURE strict shard error: failed in {time.monotonic() - t0:.0f} s, no retries")
