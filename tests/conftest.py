@@ -85,9 +85,8 @@ def stack() -> Iterator[RunningStack]:
                 to_stop.unlink(missing_ok=True)
 
 
-@pytest.fixture
-def stack_env(stack: RunningStack) -> Iterator[dict[str, str]]:
-    """Puts the stack's env vars into os.environ for one test (restored afterwards)."""
+@contextlib.contextmanager
+def _stack_environ(stack: RunningStack) -> Iterator[dict[str, str]]:
     with pytest.MonkeyPatch.context() as mp:
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):  # would mix with the keys
             mp.delenv(key, raising=False)
@@ -96,6 +95,20 @@ def stack_env(stack: RunningStack) -> Iterator[dict[str, str]]:
         refresh_ray_auth()  # Ray caches RAY_AUTH_* at first use
         yield stack.env
     refresh_ray_auth()
+
+
+@pytest.fixture
+def stack_env(stack: RunningStack) -> Iterator[dict[str, str]]:
+    """Puts the stack's env vars into os.environ for one test (restored afterwards)."""
+    with _stack_environ(stack) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def module_stack_env(stack: RunningStack) -> Iterator[dict[str, str]]:
+    """The same for a whole test module (for module-scoped fixtures that train or log runs)."""
+    with _stack_environ(stack) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import pytest
 
 from jobs import prepare_data
 from jobs import sample as sample_job
-from pipeline.cluster import refresh_ray_auth
 from pipeline.sample import evaluate, local_run
 
 pytestmark = pytest.mark.stack
@@ -45,13 +44,8 @@ FAST = [
 
 
 @pytest.fixture(scope="module")
-def env(stack):
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in stack.env.items():
-            mp.setenv(key, value)
-        refresh_ray_auth()
-        yield stack.env
-    refresh_ray_auth()
+def env(module_stack_env):
+    return module_stack_env
 
 
 @pytest.fixture(scope="module")

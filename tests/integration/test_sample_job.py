@@ -26,7 +26,6 @@ import torch
 
 from jobs import prepare_data
 from jobs import sample as sample_job
-from pipeline.cluster import refresh_ray_auth
 from pipeline.sample import evaluate, local_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -37,14 +36,8 @@ FAST = ["--sample.method", "ddim", "--sample.steps", "10", "--chunk", str(CHUNK)
 
 
 @pytest.fixture(scope="module")
-def env(stack):
-    """The stack's environment for the whole module (the stack_env fixture is per test)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in stack.env.items():
-            mp.setenv(key, value)
-        refresh_ray_auth()
-        yield stack.env
-    refresh_ray_auth()
+def env(module_stack_env):
+    return module_stack_env
 
 
 @pytest.fixture(scope="module")
