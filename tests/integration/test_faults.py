@@ -71,6 +71,20 @@ def _outage(stack, service: str, after, seconds: float, log: dict):
     return thread
 
 
+def _run_through_outage(stack, service: str, seconds: float, name: str, extra: list[str]):
+    """A 3,200-image run named ``name`` with ``service`` down for ``seconds`` after its first
+    checkpoint; asserts it succeeded. Returns (logs, the outage's times, start, end)."""
+    when: dict = {}
+    outage = _outage(stack, service, lambda: bool(_checkpoint_names(stack.env, name)), seconds, when)
+    t0 = time.monotonic()
+    status, logs = submit(stack.env, ARGS + ["--train.run-name", name, "--train.total-images", "3200", *extra])
+    end = time.monotonic()
+    outage.join(timeout=300)
+    assert "up" in when, logs[-3000:]
+    assert status == "SUCCEEDED", logs[-4000:]
+    return logs, when, t0, end
+
+
 def _s3(env):
     import boto3
 
@@ -99,15 +113,7 @@ def _step_history(client, run_id, total):
 
 def test_s3_outage_mid_run_is_ridden_through(stack, digits_shards, restores):
     name = f"fault-s3-{uuid.uuid4().hex[:6]}"
-    when: dict = {}
-    outage = _outage(stack, "s3", lambda: bool(_checkpoint_names(stack.env, name)), 20, when)
-    args = ARGS + ["--train.run-name", name, "--train.total-images", "3200", "--storage.outage-s", "120"]
-    t0 = time.monotonic()
-    status, logs = submit(stack.env, args)
-    end = time.monotonic()
-    outage.join(timeout=300)
-    assert "up" in when, logs[-3000:]
-    assert status == "SUCCEEDED", logs[-4000:]
+    logs, when, t0, end = _run_through_outage(stack, "s3", 20, name, ["--storage.outage-s", "120"])
     assert "[storage] waiting for" in logs, "the outage never reached the run"
     assert restored_images(logs) is None, "the outage restarted the worker group instead of being ridden through"
     client, run = mlflow_run(stack.env, name)
@@ -206,15 +212,7 @@ def test_s3_outage_longer_than_outage_s_fails_clearly_and_resume_continues(stack
 
 def test_mlflow_restarted_mid_run_metrics_are_back_filled(stack, digits_shards, restores):
     name = f"fault-mlflow-{uuid.uuid4().hex[:6]}"
-    when: dict = {}
-    outage = _outage(stack, "mlflow", lambda: bool(_checkpoint_names(stack.env, name)), 5, when)
-    args = ARGS + ["--train.run-name", name, "--train.total-images", "3200"]
-    t0 = time.monotonic()
-    status, logs = submit(stack.env, args)
-    end = time.monotonic()
-    outage.join(timeout=300)
-    assert "up" in when, logs[-3000:]
-    assert status == "SUCCEEDED", logs[-4000:]
+    logs, when, t0, end = _run_through_outage(stack, "mlflow", 5, name, [])
     assert restored_images(logs) is None
     client, run = mlflow_run(stack.env, name)
     assert run.info.status == "FINISHED"
