@@ -332,6 +332,18 @@ def sample_on_ray(
             # One GPU per actor: the extra actors would never be scheduled.
             log(f"note: {workers} actors asked for but the cluster has {gpus:g} GPU(s): sampling with {int(gpus)}")
             workers = int(gpus)
+        if not use_gpu:
+            # The pool waits for every actor it asks for; one no node can hold would hold up the whole job.
+            threads = s.cluster.threads_per_worker
+            fits = sum(int(nd["Resources"].get("CPU", 0) // threads) for nd in ray.nodes() if nd.get("Alive"))
+            if fits == 0:
+                raise JobError(
+                    f"no node of the Ray cluster has {threads} CPUs for one sampling actor "
+                    f"(cluster.threads_per_worker={threads})"
+                )
+            if workers > fits:
+                log(f"note: {workers} actors of {threads} CPU(s) asked for but the cluster's nodes hold {fits}")
+                workers = fits
         n = s.num_images
         batches = make_batches(s.first_seed, n, s.batch_size)
         evals = options.model_evals(ckpt.schedule.num_timesteps)

@@ -6,6 +6,12 @@ weights once, from one ``ray.put`` of the checkpoint bytes, and sample the batch
 Since every image has its own random stream (``pipeline.ddpm.sampler``), the image of a seed does not
 depend on the batch it lands in, the batch size or the number of actors.
 
+Batches are handed out once every requested actor is ready, so that each takes part: on a cluster an
+actor on another host (runtime-env download, torch import) can start tens of seconds after one on the
+driver's host, which would otherwise sample everything alone. The wait is bounded by
+``start_timeout_s``: after it the ready actors start and the late ones join when they come; with none
+ready the pool fails, naming what an actor needs and what the cluster has free.
+
 The driver keeps at most ``depth`` batches in flight per actor, takes results with ``ray.wait`` as
 they finish and hands each one to a callback (which writes it out): no process holds all images. If
 an actor dies (``RayActorError``), its unfinished batches go back to the front of the queue and a
@@ -150,12 +156,26 @@ class _Slot:
     cpu_s: float = 0.0
 
 
+def start_sampling(ready: int, starting: int, waited_s: float, timeout_s: float) -> bool:
+    """Whether to hand out batches: every live actor is ready, or the wait is over and some are.
+
+    Raises ``TimeoutError`` when the wait is over and no actor is ready.
+    """
+    if ready and not starting:
+        return True
+    if waited_s <= timeout_s:
+        return False
+    if not ready:
+        raise TimeoutError(f"no sampling actor started within {timeout_s:.0f} s")
+    return True
+
+
 @dataclass
 class PoolStats:
     actor_failures: int
     resubmitted_batches: int
-    startup_s: float  # until the first actor was ready
-    sampling_s: float  # from the first actor ready to the last batch received
+    startup_s: float  # until every actor was ready (or the wait for them ended)
+    sampling_s: float  # from then to the last batch received
     actor_cpu_s: float  # CPU time the actors spent in delivered batches
     per_actor: list[dict[str, Any]]
     device: str
@@ -262,9 +282,24 @@ class SamplingPool:
             self._start_actor()
         pending: deque[SeedBatch] = deque(batches)
         done: set[int] = set()
-        t_first_ready: float | None = None
+        t_sampling: float | None = None  # when batches started to be handed out
         while len(done) < len(batches):
-            for slot in self.alive:
+            if t_sampling is None:
+                ready_n = sum(s.ready for s in self.alive)
+                starting = len(self.alive) - ready_n
+                try:
+                    go = start_sampling(ready_n, starting, time.perf_counter() - t_start, self.start_timeout_s)
+                except TimeoutError as e:
+                    raise PoolError(f"{e}: {self._needs_and_free()}") from None
+                if go:
+                    t_sampling = time.perf_counter()
+                    if starting:
+                        self.log(
+                            f"{starting} of {len(self.alive)} sampling actors not ready after "
+                            f"{self.start_timeout_s:.0f} s; sampling starts with {ready_n}, the others join when "
+                            f"they start ({self._needs_and_free()})"
+                        )
+            for slot in self.alive if t_sampling is not None else ():
                 while slot.ready and pending and len(slot.inflight) < self.depth:
                     b = pending.popleft()
                     ref = slot.handle.sample.remote(b.seeds)
@@ -273,15 +308,6 @@ class SamplingPool:
             if not self._refs:
                 raise PoolError("internal error: batches left but nothing in flight")
             ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=1.0)
-            if not ready:
-                if t_first_ready is None and time.perf_counter() - t_start > self.start_timeout_s:
-                    res = ray.available_resources()
-                    raise PoolError(
-                        f"no sampling actor started within {self.start_timeout_s:.0f} s: each needs "
-                        f"{'1 GPU' if self.use_gpu else f'{self.threads} CPU(s)'}; the cluster has "
-                        f"{res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs free"
-                    )
-                continue
             for ref in ready:
                 if ref not in self._refs:  # dropped when its actor died
                     continue
@@ -295,8 +321,6 @@ class SamplingPool:
                     raise PoolError(f"sampling failed in actor {slot.number}: {e}") from None
                 if batch is None:
                     slot.ready, slot.info = True, value
-                    if t_first_ready is None:
-                        t_first_ready = time.perf_counter()
                     continue
                 slot.inflight.pop(ref, None)
                 images, seconds, cpu_seconds = value
@@ -315,8 +339,8 @@ class SamplingPool:
         return PoolStats(
             actor_failures=self.failures,
             resubmitted_batches=self.resubmitted,
-            startup_s=(t_first_ready or t_end) - t_start,
-            sampling_s=t_end - (t_first_ready or t_start),
+            startup_s=(t_sampling or t_end) - t_start,
+            sampling_s=t_end - (t_sampling or t_start),
             actor_cpu_s=sum(s.cpu_s for s in self.slots),
             per_actor=[
                 {
@@ -331,6 +355,11 @@ class SamplingPool:
             ],
             device=next((s.info.get("device", "?") for s in self.slots if s.info), "?"),
         )
+
+    def _needs_and_free(self) -> str:
+        res = self._ray.available_resources()
+        need = "1 GPU" if self.use_gpu else f"{self.threads} CPU(s)"
+        return f"each needs {need}; the cluster has {res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs free"
 
     def shutdown(self) -> None:
         for s in self.slots:

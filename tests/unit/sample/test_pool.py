@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.ddpm.sampler import SamplerOptions, sample
 from pipeline.ddpm.schedule import NoiseSchedule
 from pipeline.ddpm.unet import UNet, preset
-from pipeline.sample.pool import FixedShapeCalls, make_batches
+from pipeline.sample.pool import FixedShapeCalls, make_batches, start_sampling
 
 
 def test_batches_cover_every_seed_once():
@@ -35,3 +36,12 @@ def test_fixed_shape_calls_make_images_independent_of_the_batch():
             assert torch.equal(torch.cat(parts), full), bs
     finally:
         torch.set_num_threads(threads)
+
+
+def test_sampling_waits_for_every_actor_within_the_bound():
+    assert not start_sampling(ready=1, starting=1, waited_s=10, timeout_s=300)  # a remote actor still starting
+    assert start_sampling(ready=2, starting=0, waited_s=10, timeout_s=300)
+    assert not start_sampling(ready=0, starting=2, waited_s=299, timeout_s=300)
+    assert start_sampling(ready=1, starting=1, waited_s=301, timeout_s=300)  # the late one joins when it comes
+    with pytest.raises(TimeoutError, match="no sampling actor started within 300 s"):
+        start_sampling(ready=0, starting=2, waited_s=301, timeout_s=300)
