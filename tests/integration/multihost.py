@@ -58,12 +58,13 @@ def can_make_namespaces() -> str | None:
 
 _NODE_SCRIPT = """
 set -e
-mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs tmpfs /dev/shm
-mkdir /tmp/.repo && mount --bind "$REPO" /tmp/.repo
-mount -t tmpfs tmpfs "$REPO"
-for d in .venv infra; do mkdir -p "$REPO/$d" && mount --bind "/tmp/.repo/$d" "$REPO/$d"; done
-umount -l /tmp/.repo && rmdir /tmp/.repo
+# Hold the checkout before /tmp is covered: it may itself live under /tmp.
+mkdir /dev/shm/.repo && mount --bind "$REPO" /dev/shm/.repo
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mkdir -p "$REPO" && mount -t tmpfs tmpfs "$REPO"
+for d in .venv infra; do mkdir -p "$REPO/$d" && mount --bind "/dev/shm/.repo/$d" "$REPO/$d"; done
+umount -l /dev/shm/.repo && rmdir /dev/shm/.repo
 mkdir -p /tmp/home
 cd /tmp
 exec "$REPO/.venv/bin/python" -m infra.stack join --head "$HEAD" --node-ip "$NODE_IP" --num-cpus 1 --temp-dir /tmp/ray

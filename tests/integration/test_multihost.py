@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.multihost import HEAD_IP, IFNAME, NODE_IP
+from tests.integration.multihost import HEAD_IP, IFNAME, NETNS, NODE_IP
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_URL = "s3://ddpm-data/test-multihost-digits"
@@ -122,6 +122,41 @@ def checkpoints(env, run_name: str) -> list[str]:
 def images_per_s(logs: str) -> float | None:
     found = re.findall(r"([\d,.]+) images/s", logs)
     return float(found[-1].replace(",", "")) if found else None
+
+
+_PROBE = """
+import json, sys, urllib.error, urllib.request
+def status(url, method="GET", data=None):
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+mlflow, s3, ray = sys.argv[1:4]
+print(json.dumps({
+    "mlflow_read": status(mlflow + "/api/2.0/mlflow/experiments/search?max_results=1"),
+    "mlflow_write": status(mlflow + "/api/2.0/mlflow/experiments/create", "POST", b'{"name": "intruder"}'),
+    "s3_read": status(s3 + "/ddpm-data?list-type=2"),
+    "s3_write": status(s3 + "/ddpm-data/intruder.txt", "PUT", b"x"),
+    "ray_jobs": status(ray + "/api/jobs/"),
+}))
+"""
+
+
+def test_other_host_without_credentials_is_refused(cluster):
+    """From the second host's network, each service the head serves beyond loopback refuses a request
+    that carries no credentials: MLflow (basic auth), S3 (keys), Ray's Jobs API (token)."""
+    env = cluster.env
+    probe = ["ip", "netns", "exec", NETNS, sys.executable, "-c", _PROBE]
+    out = subprocess.run(
+        [*probe, env["MLFLOW_TRACKING_URI"], env["AWS_ENDPOINT_URL"], env["RAY_ADDRESS"]],
+        capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    codes = json.loads(out.stdout)
+    assert codes["mlflow_read"] == 401 and codes["mlflow_write"] == 401, codes
+    assert codes["s3_read"] == 403 and codes["s3_write"] == 403, codes
+    assert codes["ray_jobs"] == 401, codes
+    assert HEAD_IP in env["MLFLOW_TRACKING_URI"] and HEAD_IP in env["AWS_ENDPOINT_URL"], env  # beyond loopback
 
 
 def test_train_across_hosts_resumes_after_losing_a_host(cluster, one_host):
