@@ -30,8 +30,21 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.chmod(path, mode)
 
 
-def _kuberay(args, train_flags: list[str]) -> int:
+def _job(args, train_flags: list[str]):
+    """The validated training job; its ``--cluster.socket-ifname``, if given, must be the interface the
+    rendered nodes export (the job's runtime env would otherwise override the nodes' value)."""
     job = parse_train_flags(train_flags, args.gpus_per_node)
+    given = job.settings.cluster.socket_ifname
+    if given and given != args.socket_ifname:
+        raise ConfigError(
+            f"--cluster.socket-ifname {given} disagrees with --socket-ifname {args.socket_ifname}: pass the same "
+            "interface to both, or only --socket-ifname"
+        )
+    return job
+
+
+def _kuberay(args, train_flags: list[str]) -> int:
+    job = _job(args, train_flags)
     selector = dict(kv.split("=", 1) for kv in args.node_selector)
     opts = kuberay.KubeRayOptions(
         name=args.name,
@@ -68,7 +81,7 @@ def _kuberay(args, train_flags: list[str]) -> int:
 
 
 def _ray_up(args, train_flags: list[str]) -> int:
-    job = parse_train_flags(train_flags, args.gpus_per_node)
+    job = _job(args, train_flags)
     out = Path(args.out).expanduser().resolve()
     env_path = out / f"{args.cluster_name}.env"
     if args.provider == "aws":

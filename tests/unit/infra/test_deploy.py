@@ -134,6 +134,15 @@ def test_gpus_that_disagree_with_the_worker_count_are_refused_before_anything_is
     assert "does not fill nodes of 2 GPU(s)" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_socket_interface_that_disagrees_with_the_nodes_is_refused(tmp_path, capsys):
+    out = tmp_path / "job.yaml"
+    argv = ["kuberay", "--image", "i:1", "--socket-ifname", "eth0", "-o", str(out), "--"]
+    assert cli.main([*argv, "--cluster.num-workers", "2", "--cluster.socket-ifname", "ens5"]) == 2
+    assert "--cluster.socket-ifname ens5 disagrees with --socket-ifname eth0" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main([*argv, "--cluster.num-workers", "2", "--cluster.socket-ifname", "eth0"]) == 0 and out.exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
