@@ -139,6 +139,18 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0, description="peak AdamW learning rate (DDPM: 2e-4)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_images: int = Field(10_000, ge=0, description="linear learning-rate warm-up length")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after the warm-up: constant, or a half cosine to min_lr_ratio * lr at total_images"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule: the final learning rate / lr")
+    loss_weighting: Literal["uniform", "min_snr"] = Field(
+        "uniform", description="per-timestep loss weights: uniform (DDPM L_simple) or min_snr (Min-SNR-gamma)"
+    )
+    min_snr_gamma: float = Field(5.0, gt=0, description="min_snr weighting: the SNR cap gamma (Hang et al.: 5)")
+    validate_every_images: int = Field(
+        0, ge=0, description="validation loss (EMA model, fixed eval images and noise) every this many images; 0: off"
+    )
+    validate_images: int = Field(256, ge=1, description="eval-split images in the validation loss")
     grad_clip: float = Field(1.0, gt=0, description="clip the global gradient norm to this")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the weights (DDPM: 0.9999 on long runs)")
     ema_warmup: bool = Field(True, description="EMA decay min(decay, (1+n)/(10+n)) over optimizer steps n")
@@ -180,6 +192,11 @@ class TrainConfig(Section):
     def _resume_needs_name(self) -> TrainConfig:
         if self.resume and not self.run_name:
             raise ValueError("train.resume needs train.run_name: name the run to continue")
+        if self.lr_schedule == "cosine" and self.total_images <= self.warmup_images:
+            raise ValueError(
+                f"train.lr_schedule=cosine needs train.total_images ({self.total_images}) > "
+                f"train.warmup_images ({self.warmup_images}): the cosine runs between them"
+            )
         return self
 
 
@@ -267,6 +284,13 @@ class ClusterConfig(Section):
     )
     resize_interval_s: float = Field(
         60.0, gt=0, description="elastic group: seconds between Ray Train's checks for capacity to grow into"
+    )
+    worker_start_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="seconds Ray Train waits for a worker group to start before it retries with what is ready "
+        "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; None: Ray's 60). A lost host can stay listed as alive "
+        "for a while, and an elastic group first waits this long for it",
     )
 
     @field_validator("num_workers", mode="before")

@@ -73,6 +73,7 @@ class NoiseSchedule:
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+        self.signal_to_noise = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
         # beta-tilde_t (DDPM eq. 7) is a variance: the sampler takes its sqrt.
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # beta-tilde_1 = 0, so its log is clipped to beta-tilde_2's, as in the DDPM reference code.
@@ -119,7 +120,7 @@ class NoiseSchedule:
 
     def snr(self) -> torch.Tensor:
         """Signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) per timestep."""
-        return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        return self.signal_to_noise
 
     # -- converting a model output -------------------------------------------------------------------
     def predict_x0_from_eps(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,8 @@ from pipeline.train.state import TrainState
 class Session:
     """What checkpointing needs from the runner (Ray Train, or plain torch.distributed).
 
-    report(metrics, checkpoint_dir, name): every rank calls it at each checkpoint; only rank 0 passes
-    a directory. candidates(): checkpoint directories to restore from, newest first (each is read
+    report(metrics, checkpoint_dir, name): every rank calls it at each checkpoint (only rank 0 passes
+    a directory) and at each validation (metrics only). candidates(): checkpoint directories to restore from, newest first (each is read
     and verified; an unusable one is skipped and passed to ``unusable``, so that retention does not
     count it as one of the checkpoints kept). ``fetch`` turns a candidate into a local directory.
     """

@@ -147,6 +147,8 @@ def launch(settings: Settings, mlflow_run_id: str | None):
     # does not read (a preempted worker is still retried from the last checkpoint), and starting it
     # logs a core_worker error about its restartable constructor arguments on every run.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if settings.cluster.worker_start_timeout_s:  # Ray Train passes it from the driver to its controller
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(settings.cluster.worker_start_timeout_s)
     each = "one GPU" if use_gpu else f"{settings.cluster.threads_per_worker} CPU"
     print(f"waiting for {settings.cluster.num_workers} Ray Train workers ({each} each) to start ...", flush=True)
     trainer.waiting_for = f"{settings.cluster.num_workers} worker(s) of {each}"

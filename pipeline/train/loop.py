@@ -23,6 +23,7 @@ from pipeline.train.checkpointer import Checkpointer, Session
 from pipeline.train.elastic import log_world_size, step_inputs
 from pipeline.train.reporting import GridLogger, MetricLogger, Progress, StepTimer, log_run_start, run_description
 from pipeline.train.state import OptimConfig, TrainState
+from pipeline.train.validate import Validator
 
 
 def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None = None) -> dict:
@@ -57,6 +58,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
     metrics = MetricLogger(tracker, tracking=tracking, num_timesteps=state.schedule.num_timesteps)
     grids = GridLogger(state, settings, tracker)
     guard = NanGuard(t.max_bad_steps, device)
+    validator = Validator(state, settings)
 
     restored = checkpoints.restore()
     resumed = restored is not None
@@ -104,9 +106,16 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
         if log_now:
             with timer.side("tracking"):
                 metrics.log(state, r, images, batch.epoch, timer.window_images_per_s())
+        if validator.every and (done or validator.due(before, state.images_seen)):
+            with timer.side("validate"):
+                val = {"val_loss": validator.loss(), "images_seen": state.images_seen}
+                if tracker:
+                    tracker.log_metrics({"val/loss": val["val_loss"]}, step=state.images_seen)
+                session.report(val, None, "")  # what a sweep's scheduler stops trials on
         if save_now:
             with timer.side("checkpoint"):
-                checkpoints.save(timer.summary(state.images_seen))
+                last_val = {} if validator.last is None else {"val_loss": validator.last}
+                checkpoints.save(timer.summary(state.images_seen) | last_val)
                 log_world_size(tracker, world, state.images_seen, None, None)
             if progress:
                 progress.checkpointed(state.images_seen)
@@ -162,10 +171,15 @@ def optim_config(s: Settings) -> OptimConfig:
         lr=t.lr,
         weight_decay=t.weight_decay,
         warmup_images=t.warmup_images,
+        lr_schedule=t.lr_schedule,
+        min_lr_ratio=t.min_lr_ratio,
+        total_images=t.total_images,
         grad_clip=t.grad_clip,
         ema_decay=t.ema_decay,
         ema_warmup=t.ema_warmup,
         objective=s.diffusion.objective,
+        loss_weighting=t.loss_weighting,
+        min_snr_gamma=t.min_snr_gamma,
         precision=t.precision,
         channels_last=t.channels_last,
         compile=t.compile,

@@ -135,14 +135,15 @@ class StepTimer:
     """Where a worker's time goes, in one place for the metrics and the benchmarks.
 
     Steady images/s counts from the end of the first step (start-up and first-step costs left out);
-    step images/s also leaves out the side work timed with ``side()`` (checkpoints, grids, tracking).
+    step images/s also leaves out the side work timed with ``side()`` (checkpoints, grids, tracking,
+    validation).
     The clock is the host's: on a GPU it is exact at the points where the host waits for the device
     (log steps, checkpoints), which is where the figures are read.
     """
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.side_s = {"tracking": 0.0, "checkpoint": 0.0, "grid": 0.0}
+        self.side_s = {"tracking": 0.0, "checkpoint": 0.0, "grid": 0.0, "validate": 0.0}
         self.saves = 0  # checkpoints timed in side_s["checkpoint"]
         self.first: tuple[float, int, float] | None = None  # end of the first step: clock, images seen, unix time
         self.images = 0  # images trained on, over all ranks (a rollback's repeated steps count again)

@@ -15,13 +15,14 @@ optimizer state and counters (``tests/unit/train/test_state.py`` checks it on th
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from pipeline.ddpm.ema import EMA
-from pipeline.ddpm.loss import diffusion_loss, draw_noise
+from pipeline.ddpm.loss import Weighting, diffusion_loss, draw_noise
 from pipeline.ddpm.schedule import NoiseSchedule, Objective
 from pipeline.ddpm.unet import UNet, UNetConfig
 from pipeline.train.parallelize import parallelize
@@ -32,10 +33,15 @@ class OptimConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_images: int = 10_000
+    lr_schedule: str = "constant"  # "constant" | "cosine" (to min_lr_ratio * lr at total_images)
+    min_lr_ratio: float = 0.0
+    total_images: int = 0  # the cosine's end; required by lr_schedule="cosine"
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
     objective: Objective = "eps"
+    loss_weighting: Weighting = "uniform"
+    min_snr_gamma: float = 5.0
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; GPU)
     channels_last: bool = False
     compile: bool = False
@@ -70,10 +76,23 @@ class StepResult:
 
 
 def lr_at(images_seen: int, cfg: OptimConfig) -> float:
-    """Linear warm-up over ``warmup_images`` images, then constant (DDPM: 5,000 steps of warm-up)."""
-    if cfg.warmup_images <= 0:
+    """Linear warm-up over ``warmup_images`` images (DDPM: 5,000 steps of warm-up), then constant, or a
+    half cosine from ``lr`` down to ``min_lr_ratio * lr`` at ``total_images`` (SGDR, Loshchilov &
+    Hutter 2017, eq. 5, one cycle). A function of the images seen only, so a resumed or resized run
+    follows the same curve."""
+    if images_seen < cfg.warmup_images:
+        return cfg.lr * (images_seen + 1) / cfg.warmup_images
+    if cfg.lr_schedule == "constant":
         return cfg.lr
-    return cfg.lr * min(1.0, (images_seen + 1) / cfg.warmup_images)
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; expected 'constant' or 'cosine'")
+    if cfg.total_images <= cfg.warmup_images:
+        raise ValueError(
+            f"lr_schedule='cosine' needs total_images ({cfg.total_images}) > warmup_images ({cfg.warmup_images})"
+        )
+    done = min(1.0, (images_seen - cfg.warmup_images) / (cfg.total_images - cfg.warmup_images))
+    low = cfg.min_lr_ratio * cfg.lr
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 class TrainState:
@@ -164,6 +183,8 @@ class TrainState:
                         self.schedule,
                         x0,
                         objective=self.cfg.objective,
+                        weighting=self.cfg.loss_weighting,
+                        min_snr_gamma=self.cfg.min_snr_gamma,
                         generator=self.generator,
                         draws=None if draws is None else draws[i],
                     )

@@ -139,3 +139,12 @@ def test_run_names_outside_the_rule_exit_2_naming_it(name, capsys):
 @pytest.mark.parametrize("name", ["a", "run-1.2_x", "9" * 100])
 def test_run_names_inside_the_rule_are_kept(name):
     assert Settings.from_cli(["--train.run-name", name]).train.run_name == name
+
+
+def test_quality_options_are_checked_where_they_are_set():
+    s = Settings.from_cli(["--train.loss-weighting", "min_snr", "--train.lr-schedule", "cosine"])
+    assert (s.train.loss_weighting, s.train.min_snr_gamma, s.train.lr_schedule) == ("min_snr", 5.0, "cosine")
+    with pytest.raises(ConfigError, match="lr_schedule=cosine needs train.total_images"):
+        Settings.from_cli(["--train.lr-schedule", "cosine", "--train.total-images", "100"])
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        Settings.from_cli(["--train.loss-weighting", "snr"])

@@ -9,7 +9,7 @@ import torch
 from pipeline.checkpoint import images_of
 from pipeline.config import Settings
 from pipeline.train.checkpointer import Session
-from pipeline.train.loop import NanGuard, reached, train_worker
+from pipeline.train.loop import NanGuard, optim_config, reached, train_worker
 from pipeline.train.state import TrainState
 
 
@@ -123,3 +123,35 @@ def test_repeated_non_finite_steps_roll_back_and_then_equal_an_uninterrupted_run
 def test_divergence_before_any_checkpoint_is_a_clear_error(digits_folder, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no checkpoint to roll back to; lower --train.lr"):
         _run_loop(digits_folder, tmp_path / "c", (1, 2, 3), monkeypatch)
+
+
+def test_validation_loss_is_reported_and_is_the_eps_error_on_a_fixed_set(digits_folder, tmp_path, monkeypatch):
+    """Every rank reports val_loss at each crossing of validate_every_images and at the end; checkpoint
+    reports carry the last one. The set does not depend on the run's seed or objective."""
+    from pipeline.train.validate import Validator
+
+    settings = Settings.from_cli(
+        ["--model.preset", "tiny", "--diffusion.num-timesteps", "100", "--data.url", str(digits_folder),
+         "--train.batch-size", "32", "--train.total-images", "320", "--train.checkpoint-every-images", "160",
+         "--train.sample-every-images", "0", "--train.validate-every-images", "128",
+         "--train.validate-images", "40", "--train.loss-weighting", "min_snr"]
+    )  # fmt: skip
+    settings.tracking.uri = None
+    reports = []
+    train_worker(settings, Session(report=lambda m, d, n: reports.append(m)))
+    vals = [(r["images_seen"], r["val_loss"]) for r in reports if "step" not in r]
+    ckpts = [r for r in reports if "step" in r]
+    final = ckpts[-1]["images_seen"]
+    assert [i // 128 for i, _ in vals] == [1, 2, final // 128] and vals[-1][0] == final >= 320
+    assert all(0 < v < 5 for _, v in vals)
+    assert len(ckpts) == 2 and ckpts[-1]["val_loss"] == vals[-1][1]
+
+    a = Validator(TrainState(settings.unet_config(), settings.diffusion.build(), optim_config(settings)), settings)
+    other = settings.model_copy(deep=True)
+    other.train.seed, other.diffusion.objective = 7, "v"
+    b = Validator(TrainState(other.unet_config(), other.diffusion.build(), optim_config(other), seed=7), other)
+    assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t) and torch.equal(a.noise, b.noise)
+    assert a.t.tolist() == torch.linspace(0, 99, 40).round().long().tolist()
+    with torch.no_grad():
+        direct = (a.state.ema.model.eval()(a.x_t, a.t) - a.noise).pow(2).mean()
+    assert a.loss() == pytest.approx(float(direct), rel=1e-6)

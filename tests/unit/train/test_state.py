@@ -2,6 +2,7 @@
 and on the device, resume."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -151,6 +152,17 @@ def test_warmup():
     assert lr_at(0, cfg) == pytest.approx(0.01)
     assert lr_at(49, cfg) == pytest.approx(0.5)
     assert lr_at(1000, cfg) == 1.0
+
+
+def test_cosine_learning_rate_schedule():
+    cfg = OptimConfig(lr=1.0, warmup_images=100, lr_schedule="cosine", min_lr_ratio=0.1, total_images=1100)
+    assert lr_at(49, cfg) == pytest.approx(0.5)  # the warm-up is unchanged
+    assert lr_at(100, cfg) == pytest.approx(1.0)
+    assert lr_at(600, cfg) == pytest.approx(0.55)  # half-way: the mean of lr and min
+    assert lr_at(350, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(1100, cfg) == pytest.approx(0.1) and lr_at(5000, cfg) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="total_images"):
+        lr_at(200, OptimConfig(lr=1.0, warmup_images=100, lr_schedule="cosine", total_images=100))
 
 
 def test_checkpoint_for_another_model_is_refused():
