@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", parents=[common, only], help="start or reuse the stack and wait until it is ready")
     up.add_argument(
         "--host",
-        help=f"address every service binds to (${HOST_ENV}, default {HOST}); another address of this machine "
-        "lets other hosts join (MLflow then asks for a login, see env)",
+        help=f"address the services listen on (${HOST_ENV}, default {HOST}); another address of this machine "
+        "lets other hosts join (MLflow then asks for a login, see env; SeaweedFS's internal ports stay on "
+        "127.0.0.1, its S3 port is relayed)",
     )
     up.add_argument("--port-offset", type=int, help=f"added to every default port (${OFFSET_ENV})")
     for name, var in PORT_ENV.items():

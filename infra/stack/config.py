@@ -58,8 +58,9 @@ class StackConfig:
     ray_port: int = DEFAULT_PORTS["ray_port"]
     weed_port_base: int = DEFAULT_PORTS["weed_port_base"]
     num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
-    # The address every service binds to. Beyond loopback, other hosts can join the Ray head and
-    # reach S3 and MLflow: each then asks for credentials (S3 keys, the Ray token, MLflow basic auth).
+    # The address the services listen on. Beyond loopback, other hosts can join the Ray head and
+    # reach S3 and MLflow: each then asks for credentials (S3 keys, the Ray token, MLflow basic auth);
+    # weed's internal ports, which ask for none, stay on loopback (listen_addresses).
     host: str = HOST
 
     def __post_init__(self) -> None:
@@ -134,6 +135,13 @@ class StackConfig:
                 "Ray dashboard metrics": self.ray_metric_ports[1],
             },
         }
+
+    def listen_addresses(self, what: str) -> tuple[str, ...]:
+        """Where a port of ``service_ports()`` listens: weed's own ports, which take no credentials, on
+        loopback only; S3 on loopback and, relayed, on the stack's address; the others on that address."""
+        if what.startswith("weed "):
+            return (HOST,)
+        return tuple(dict.fromkeys((HOST, self.host))) if what == "S3" else (self.host,)
 
     @property
     def urls(self) -> dict[str, str]:

@@ -196,8 +196,10 @@ class Stack:
         c, client, host = self.config, self.env(), self.config.host
         s3_env = {k: v for k, v in client.items() if k.startswith("AWS_")}
         if name == "s3":
+            # weed binds every port to one address and only its S3 API asks for credentials: weed stays on
+            # loopback, and beyond it a relay puts the S3 port alone on the stack's address (relay.py).
             weed = [
-                str(weed_binary()), "mini", f"-dir={self.weed_dir}", f"-ip={host}", f"-ip.bind={host}",
+                str(weed_binary()), "mini", f"-dir={self.weed_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
                 f"-s3.port={c.s3_port}", f"-s3.config={self.s3_config_file}", "-s3.iam=false",
                 "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             ]  # fmt: skip
@@ -206,6 +208,9 @@ class Stack:
                 f"-{part.replace('.grpc', '.port.grpc') if '.grpc' in part else part + '.port'}={port}"
                 for part, port in c.weed_ports().items()
             ]
+            if not c.loopback:
+                relay = [sys.executable, "-m", "infra.stack.relay", f"{host}:{c.s3_port}", f"{HOST}:{c.s3_port}", "--"]
+                weed = relay + weed
             return weed, s3_env
         if name == "mlflow":
             _require_module("mlflow", "mlflow")
@@ -220,7 +225,7 @@ class Stack:
                 "--allowed-hosts", ",".join(hosts), "--cors-allowed-origins", ",".join(f"http://{h}" for h in hosts),
             ], {
                 **s3_env,
-                "MLFLOW_S3_ENDPOINT_URL": c.urls["s3"],
+                "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{c.s3_port}",  # weed itself, not through the relay
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner: ~0.5 GB instead of ~1.4
                 **self._mlflow_server_auth(),
             }  # fmt: skip
@@ -309,11 +314,12 @@ class Stack:
             to_start = [n for n in wanted if n not in records]
             for name in to_start:
                 for what, port in self.config.service_ports()[name].items():
-                    if not processes.port_free(port, self.config.host):
-                        raise StackError(
-                            f"port {port} ({what}) on {self.config.host} is already in use{processes.port_owner(port)}; "
-                            f"pick other ports (--port-offset / {OFFSET_ENV} or the port flags)"
-                        )
+                    for address in self.config.listen_addresses(what):
+                        if not processes.port_free(port, address):
+                            raise StackError(
+                                f"port {port} ({what}) on {address} is already in use{processes.port_owner(port)}; "
+                                f"pick other ports (--port-offset / {OFFSET_ENV} or the port flags)"
+                            )
             commands = {name: self._command(name) for name in to_start}  # missing binaries fail here
             first_mlflow = not self.mlflow_db.exists()
             for name, (argv, extra) in commands.items():
@@ -360,7 +366,7 @@ class Stack:
         ids = {p.stem.rpartition("_")[2] for p in self.weed_dir.glob("*.dat")}
         if not ids:
             return True
-        body = _get(f"http://{self.config.host}:{self.config.weed_ports()['master']}/vol/status")
+        body = _get(f"http://{HOST}:{self.config.weed_ports()['master']}/vol/status")
         try:
             topology = json.loads(body)["Volumes"]["DataCenters"]
         except (TypeError, ValueError, KeyError):

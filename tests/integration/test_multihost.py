@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -125,38 +126,54 @@ def images_per_s(logs: str) -> float | None:
 
 
 _PROBE = """
-import json, sys, urllib.error, urllib.request
+import errno, json, socket, sys, urllib.error, urllib.request
+import boto3
 def status(url, method="GET", data=None):
     try:
         return urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=10).status
     except urllib.error.HTTPError as e:
         return e.code
-mlflow, s3, ray = sys.argv[1:4]
+def connect(port):
+    with socket.socket() as s:
+        s.settimeout(5)
+        return errno.errorcode.get(s.connect_ex((host, port)), "connected")
+mlflow, s3, ray, host, ports = sys.argv[1:6]
+keyed = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")  # the keys from the environment
 print(json.dumps({
     "mlflow_read": status(mlflow + "/api/2.0/mlflow/experiments/search?max_results=1"),
     "mlflow_write": status(mlflow + "/api/2.0/mlflow/experiments/create", "POST", b'{"name": "intruder"}'),
     "s3_read": status(s3 + "/ddpm-data?list-type=2"),
     "s3_write": status(s3 + "/ddpm-data/intruder.txt", "PUT", b"x"),
+    "s3_with_keys": keyed.list_objects_v2(Bucket="ddpm-data", MaxKeys=1)["ResponseMetadata"]["HTTPStatusCode"],
     "ray_jobs": status(ray + "/api/jobs/"),
+    "ports": {name: connect(port) for name, port in json.loads(ports).items()},
 }))
 """
 
 
 def test_other_host_without_credentials_is_refused(cluster):
     """From the second host's network, each service the head serves beyond loopback refuses a request
-    that carries no credentials: MLflow (basic auth), S3 (keys), Ray's Jobs API (token)."""
-    env = cluster.env
+    that carries no credentials: MLflow (basic auth), S3 (keys), Ray's Jobs API (token); SeaweedFS's own
+    master, volume, filer and admin ports (HTTP and gRPC) and its S3 gRPC port, which take no
+    credentials, are not reachable at all; S3 with the keys answers."""
+    env, config = cluster.env, cluster.stack.config
+    weed = {f"weed {k}": port for k, port in config.weed_ports().items()}
     probe = ["ip", "netns", "exec", NETNS, sys.executable, "-c", _PROBE]
+    ports = json.dumps({**weed, "S3": config.s3_port, "MLflow": config.mlflow_port})
+    keys = {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     out = subprocess.run(
-        [*probe, env["MLFLOW_TRACKING_URI"], env["AWS_ENDPOINT_URL"], env["RAY_ADDRESS"]],
-        capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]},
+        [*probe, env["MLFLOW_TRACKING_URI"], env["AWS_ENDPOINT_URL"], env["RAY_ADDRESS"], HEAD_IP, ports],
+        capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"], **keys},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     codes = json.loads(out.stdout)
     assert codes["mlflow_read"] == 401 and codes["mlflow_write"] == 401, codes
-    assert codes["s3_read"] == 403 and codes["s3_write"] == 403, codes
+    assert codes["s3_read"] == 403 and codes["s3_write"] == 403 and codes["s3_with_keys"] == 200, codes
     assert codes["ray_jobs"] == 401, codes
+    assert codes["ports"] == {**dict.fromkeys(weed, "ECONNREFUSED"), "S3": "connected", "MLflow": "connected"}, codes
     assert HEAD_IP in env["MLFLOW_TRACKING_URI"] and HEAD_IP in env["AWS_ENDPOINT_URL"], env  # beyond loopback
+    for port in (config.weed_ports()["filer"], config.weed_ports()["master.grpc"]):  # weed's ports are up, on loopback
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 def test_train_across_hosts_resumes_after_losing_a_host(cluster, one_host):

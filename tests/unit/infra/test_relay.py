@@ -1,0 +1,74 @@
+"""The relay that puts the stack's S3 port, and nothing else of SeaweedFS, on a non-loopback address
+(infra/stack/relay.py), with a stand-in child: real processes and sockets on loopback addresses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+# Answers each connection, once the client has half-closed it, with the bytes reversed.
+ECHO = """
+import socket, sys
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+while True:
+    conn, _ = server.accept()
+    data = b""
+    while chunk := conn.recv(1 << 16):
+        data += chunk
+    conn.sendall(data[::-1])
+    conn.close()
+"""
+
+
+def _free_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.2", port))
+            except OSError:
+                continue
+        return port
+
+
+def _relay(port: int, child: list[str]) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "infra.stack.relay", f"127.0.0.2:{port}", f"127.0.0.1:{port}", "--", *child]
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
+
+
+def test_relay_passes_bytes_and_the_half_close_and_ends_with_its_child():
+    port = _free_port()
+    relay = _relay(port, [sys.executable, "-c", ECHO, str(port)])
+    try:
+        assert relay.stdout.readline().startswith(f"relay: 127.0.0.2:{port} -> 127.0.0.1:{port}")
+        payload = os.urandom(3 << 20)
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.2", port), timeout=30) as c:
+                c.sendall(payload)
+                c.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := c.recv(1 << 16):
+                    got += chunk
+            assert got == payload[::-1]
+        relay.send_signal(signal.SIGTERM)  # passed on: the child dies of it and the relay reports that
+        assert relay.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        relay.kill()
+        relay.wait()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.2", port)) != 0  # nothing listens any more
+
+
+def test_relay_never_listens_when_its_child_fails_to_start():
+    port = _free_port()
+    relay = _relay(port, [sys.executable, "-c", "raise SystemExit(3)"])
+    assert relay.wait(timeout=30) == 3
+    assert relay.stdout.read() == ""
