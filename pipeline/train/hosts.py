@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
@@ -59,18 +61,39 @@ def endpoints(settings: Settings, tracked: bool) -> dict[str, str]:
     return out
 
 
-def check_reachable(services: Mapping[str, str], timeout: float = 5.0) -> None:
-    """Open a TCP connection to each service; the error names this host and the endpoint."""
+def check_reachable(services: Mapping[str, str], timeout: float = 5.0, wait_s: float = 0.0) -> None:
+    """Open a TCP connection to each service; the error names this host, the endpoint and how long it
+    waited. A service that does not answer is retried with backoff (as ``ride_out`` retries storage
+    operations) for up to ``wait_s`` seconds in all: a worker given ``storage.outage_s`` waits out an
+    outage while its group (re)starts as a running worker would, instead of failing the start and
+    spending one of ``cluster.max_failures``."""
+    start, delay, said = time.monotonic(), 0.5, float("-inf")
     for name, url in services.items():
         u = urlparse(url)
         port = u.port or (443 if u.scheme == "https" else 80)
-        try:
-            socket.create_connection((u.hostname, port), timeout=timeout).close()
-        except OSError as e:
-            raise UnreachableError(
-                f"worker host {socket.gethostname()} ({node_ip()}) cannot reach {name} at {url}: {e}; "
-                "the endpoint must be an address every node of the cluster can reach (not 127.0.0.1 on another host)"
-            ) from None
+        while True:
+            try:
+                socket.create_connection((u.hostname, port), timeout=timeout).close()
+                break
+            except OSError as e:
+                now = time.monotonic()
+                where = f"worker host {socket.gethostname()} ({node_ip()})"
+                if now - start >= wait_s:
+                    waited = f" (waited {now - start:.0f} s, storage.outage_s={wait_s:g})" if wait_s else ""
+                    raise UnreachableError(
+                        f"{where} cannot reach {name} at {url}: {e}{waited}; the endpoint must be an address "
+                        "every node of the cluster can reach (not 127.0.0.1 on another host)"
+                    ) from None
+                if now - said >= 10:
+                    said = now
+                    print(
+                        f"[hosts] {where} waiting for {name} at {url} ({e}); {now - start:.0f} s so far, "
+                        f"retrying for up to {wait_s:g} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                time.sleep(min(delay, max(start + wait_s - now, 0.05)))
+                delay = min(delay * 2, 8.0)
 
 
 def gather_rank_hosts() -> list[dict]:

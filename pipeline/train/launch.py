@@ -183,7 +183,8 @@ def _worker(config: dict) -> None:
     _quiet_ray_reports()
     settings = Settings.model_validate(config["settings"])
     os.environ.update(config.get("mlflow_login") or {})
-    check_reachable(endpoints(settings, tracked=ray.train.get_context().get_world_rank() == 0))
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    check_reachable(endpoints(settings, tracked=rank0), wait_s=settings.storage.outage_s)
     gather_rank_hosts()
     run = RunStorage(settings, config["run_name"], os.environ.get("TMPDIR", "/tmp"))
 

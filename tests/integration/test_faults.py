@@ -25,6 +25,7 @@ import pytest
 from pipeline.checkpoint import images_of
 from tests.integration.test_train_job import (
     COMMON,
+    _jobs,
     digits_shards,
     furthest_progress,
     history,
@@ -207,6 +208,71 @@ def test_s3_outage_longer_than_outage_s_fails_clearly_and_resume_continues(stack
     print(
         f"FIGURE s3 outage {when['up'] - when['down']:.0f} s > storage.outage_s=5: failed "
         f"{failed - when['down']:.0f} s after S3 went away; --train.resume redid {reached - newest} images"
+    )
+
+
+def _kill_a_training_worker(stack) -> int | None:
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            mine = p.environ().get("DDPM_STACK_DIR") == str(stack.config.state_dir)
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and mine:
+                p.kill()
+                return p.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def test_worker_group_restarted_while_s3_is_down_waits_for_it(stack, digits_shards, restores):
+    """S3 stopped after the first checkpoint and a worker SIGKILLed while it is away: the restarted group's
+    workers wait for S3 at their start (within storage.outage_s) instead of failing it, so the one
+    allowed restart is enough; S3 comes back once they are seen waiting, and they restore the newest
+    checkpoint and finish."""
+    name = f"fault-s3start-{uuid.uuid4().hex[:6]}"
+    when: dict = {}
+    waiting = re.compile(r"\[hosts\] worker host .* waiting for S3 at (\S+) ")
+
+    def job_logs() -> str:
+        jobs = _jobs(stack.env)
+        mine = [j for j in jobs.list_jobs() if name in (j.entrypoint or "")]
+        return jobs.get_job_logs(mine[0].submission_id) if mine else ""
+
+    def inject():
+        deadline = time.monotonic() + 300
+        while not _checkpoint_names(stack.env, name):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.3)
+        when["newest"] = images_of(_checkpoint_names(stack.env, name)[-1])
+        when["down"] = time.monotonic()
+        stack.stack.down(services=["s3"])
+        when["killed"] = _kill_a_training_worker(stack)
+        while not waiting.search(job_logs()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2.0)  # the restarted workers keep waiting meanwhile
+        stack.stack.up(timeout=240, services=["s3"])
+        when["up"] = time.monotonic()
+
+    thread = threading.Thread(target=inject, daemon=True)
+    thread.start()
+    args = ARGS + ["--train.run-name", name, "--train.total-images", "1920", "--cluster.max-failures", "1"]
+    status, logs = submit(stack.env, args + ["--storage.outage-s", "120"])
+    thread.join(timeout=300)
+    assert when.get("killed") and "up" in when, (when, logs[-3000:])
+    assert status == "SUCCEEDED", logs[-4000:]
+    waits = waiting.findall(logs)
+    assert waits and waits[0] == stack.env["AWS_ENDPOINT_URL"], logs[-4000:]
+    restored = restored_images(logs)
+    assert restored is not None and restored >= when["newest"], (restored, when, logs[-3000:])
+    assert furthest_progress(logs) - restored <= EVERY + BATCH
+    client, run = mlflow_run(stack.env, name)
+    assert run.info.status == "FINISHED"
+    _step_history(client, run.info.run_id, 1920)
+    print(
+        f"FIGURE s3 down {when['up'] - when['down']:.0f} s while the worker group restarts: the workers waited, "
+        f"finished with 1 restart; images redone {furthest_progress(logs) - restored}"
     )
 
 

@@ -4,6 +4,8 @@ and what training workers on another host get and check (pipeline/train/hosts.py
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,25 @@ def test_mlflow_login_only_beyond_loopback(tmp_path):
     assert ray_env["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_TRACKING_PASSWORD"]  # for job drivers on the head
 
 
+def test_weed_stays_on_loopback_and_only_its_s3_port_is_relayed_beyond_it(tmp_path):
+    local = Stack(StackConfig.resolve(state_dir=tmp_path / "a", environ={}))
+    local._prepare()
+    argv = local._command("s3")[0]
+    assert argv[1] == "mini" and "-ip.bind=127.0.0.1" in argv and "infra.stack.relay" not in argv
+
+    served = Stack(StackConfig.resolve(state_dir=tmp_path / "b", environ={}, host="10.1.2.3"))
+    served._prepare()
+    argv, port = served._command("s3")[0], served.config.s3_port
+    at = argv.index("infra.stack.relay")
+    assert argv[at + 1 : at + 4] == [f"10.1.2.3:{port}", f"127.0.0.1:{port}", "--"]
+    weed = argv[at + 4 :]
+    assert weed[1] == "mini" and "-ip=127.0.0.1" in weed and "-ip.bind=127.0.0.1" in weed
+    assert not [a for a in weed if "10.1.2.3" in a]
+    c = served.config
+    assert c.listen_addresses("S3") == ("127.0.0.1", "10.1.2.3") and c.listen_addresses("weed filer") == ("127.0.0.1",)
+    assert c.listen_addresses("MLflow") == ("10.1.2.3",)
+
+
 def test_join_needs_the_token_and_passes_it_by_environment(tmp_path):
     with pytest.raises(StackError, match="RAY_AUTH_TOKEN or pass --token-file"):
         read_token(None, {})
@@ -76,3 +97,36 @@ def test_unreachable_service_names_the_host_and_the_endpoint():
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(UnreachableError, match=rf"worker host {socket.gethostname()} .* cannot reach S3 at {url}"):
         check_reachable({"S3": url}, timeout=2)
+
+
+def test_a_service_that_comes_up_late_is_waited_for_within_the_bound(capfd):
+    """A worker starting while S3 is away waits for it (up to storage.outage_s), then goes on; past the
+    bound it fails naming the endpoint and the wait. A real listener that opens 2 s late."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    opened = threading.Event()
+
+    def open_late():
+        time.sleep(2.0)
+        with socket.create_server(("127.0.0.1", port)) as server:
+            opened.set()
+            server.settimeout(30)
+            server.accept()[0].close()
+
+    late = threading.Thread(target=open_late, daemon=True)
+    late.start()
+    t0 = time.monotonic()
+    check_reachable({"S3": url}, timeout=2, wait_s=60)
+    waited = time.monotonic() - t0
+    late.join(timeout=30)
+    assert opened.is_set() and 2.0 <= waited < 15, waited
+    assert f"waiting for S3 at {url}" in capfd.readouterr().err
+
+    t0 = time.monotonic()
+    with pytest.raises(
+        UnreachableError, match=rf"cannot reach S3 at {url}: .*\(waited [12] s, storage\.outage_s=1\.5\)"
+    ):
+        check_reachable({"S3": url}, timeout=1, wait_s=1.5)
+    assert 1.5 <= time.monotonic() - t0 < 5
