@@ -36,6 +36,8 @@ CONFIG_ARTIFACT = "config.json"  # the resolved settings of a training run
 EVAL_DIR = "eval"  # evaluations: artifacts eval/<name>/..., metrics eval/<sampler tag>/<figure>
 NOTE_TAG = "mlflow.note.content"  # the run page's description
 FAILURE_TAG = "ddpm.failure_reason"  # why a run ended FAILED or KILLED
+SWEEP_TAG = "ddpm.sweep"  # a sweep's parent run: the sweep's name (its trials' runs are its children)
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
 
 
 class TrackingError(RuntimeError):
@@ -48,12 +50,19 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def find_or_create_run(uri: str, experiment: str, run_name: str) -> str:
-    """The MLflow run of a training run (by tag), created on first use: one per training run."""
+def find_or_create_run(
+    uri: str, experiment: str, run_name: str, *, tag: str = RUN_NAME_TAG, tags: dict[str, str] | None = None
+) -> str:
+    """The MLflow run whose ``tag`` is ``run_name`` (a training run's: ``ddpm.run_name``), created on
+    first use: one per training run (or sweep). ``tags`` are set on it, found or created."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=2)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{run_name}'", max_results=2)
+    if runs and tags:
+        from mlflow.entities import RunTag
+
+        client.log_batch(runs[0].info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     if runs:
         run_id = runs[0].info.run_id
         if runs[0].info.status != "RUNNING":
@@ -61,8 +70,16 @@ def find_or_create_run(uri: str, experiment: str, run_name: str) -> str:
         if FAILURE_TAG in runs[0].data.tags:  # a resumed run is no longer failed; a new failure tags it again
             client.delete_tag(run_id, FAILURE_TAG)
         return run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    run = client.create_run(exp_id, run_name=run_name, tags={tag: run_name, **(tags or {})})
     return run.info.run_id
+
+
+def find_run(uri: str, experiment: str, run_name: str, *, tag: str = RUN_NAME_TAG) -> str | None:
+    """The id of the MLflow run whose ``tag`` is ``run_name``, or None."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{run_name}'", max_results=1) if exp else []
+    return runs[0].info.run_id if runs else None
 
 
 def end_run(uri: str, run_id: str, status: str, reason: str, *, tries: int = 5) -> bool:
@@ -295,6 +312,76 @@ class TrackedRun:
             self.client.set_tag(self.run_id, NOTE_TAG, f"{note}\n\n{text}" if note else text)
         except Exception as e:
             raise TrackingError(f"could not update the description of MLflow run {self.run_id!r}: {e}") from None
+
+    @property
+    def status(self) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED, as the server has it now."""
+        return self.client.get_run(self.run_id).info.status
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
+
+    def set_tags(self, tags: dict[str, Any], delete: tuple[str, ...] = ()) -> None:
+        """Set ``tags`` and delete those of ``delete`` that the run holds."""
+        from mlflow.entities import RunTag
+
+        try:
+            if tags:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+            held = self.tags if delete else {}
+            for k in delete:
+                if k in held:
+                    self.client.delete_tag(self.run_id, k)
+        except Exception as e:
+            raise TrackingError(f"could not set tags on MLflow run {self.run_id!r}: {e}") from None
+
+    def log_new_params(self, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        """Log the params the run does not hold yet (MLflow params never change); returns the held
+        ones whose value differs, name -> (held, given)."""
+        from mlflow.entities import Param
+
+        held = dict(self.client.get_run(self.run_id).data.params)
+        given = {k: str(v)[:6000] for k, v in params.items()}
+        new = [Param(k, v) for k, v in given.items() if k not in held]
+        try:
+            for i in range(0, len(new), 100):
+                self.client.log_batch(self.run_id, params=new[i : i + 100])
+        except Exception as e:
+            raise TrackingError(f"could not log params to MLflow run {self.run_id!r}: {e}") from None
+        return {k: (held[k], v) for k, v in given.items() if k in held and held[k] != v}
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        except Exception as e:
+            raise TrackingError(f"could not log metrics to MLflow run {self.run_id!r}: {e}") from None
+
+    def log_bytes(self, data: bytes, name: str, artifact_path: str | None = None) -> None:
+        with tempfile.TemporaryDirectory(prefix="ddpm-artifact-") as tmp:
+            (Path(tmp) / name).write_bytes(data)
+            try:
+                self.client.log_artifact(self.run_id, str(Path(tmp) / name), artifact_path)
+            except Exception as e:
+                raise TrackingError(f"could not log artifact {name!r} to MLflow run {self.run_id!r}: {e}") from None
+
+    def set_status(self, status: str) -> None:
+        """RUNNING again, or ended FINISHED / FAILED / KILLED (``end_run`` also says why)."""
+        try:
+            if status == "RUNNING":
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                self.client.set_terminated(self.run_id, status=status)
+        except Exception as e:
+            raise TrackingError(f"could not mark MLflow run {self.run_id!r} {status}: {e}") from None
+
+    def last_metric(self, key: str) -> tuple[int, float] | None:
+        """(step, value) of the highest step of metric ``key``, or None."""
+        hist = self.client.get_metric_history(self.run_id, key)
+        return max(((m.step, m.value) for m in hist), default=None)
 
     def log_evaluation(self, name: str, local_dir: str | Path, metrics: dict[str, float], step: int) -> str:
         """The files of ``local_dir`` as artifacts ``eval/<name>/...`` and ``metrics`` (full keys) at

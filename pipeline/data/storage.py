@@ -418,20 +418,19 @@ def register_webdataset_s3(storage: Any) -> None:
     gopen_schemes["s3"] = gopen_s3
 
 
-def filesystem(url: str, storage) -> tuple[Any, str]:
+def filesystem(url: str, storage, *, keys: bool = True) -> tuple[Any, str]:
     """(pyarrow filesystem, path inside it) for ``url``: Ray Train's checkpoint storage. S3 uses the
-    configured endpoint and keys."""
+    configured endpoint and keys; ``keys=False``: the AWS credential chain of each process that uses
+    it (the environment), for a filesystem that is written to storage pickled (Ray Tune's state)."""
     import pyarrow.fs as pafs
 
     loc = parse_url(url)
     if not loc.is_s3:
         return pafs.LocalFileSystem(), str(loc.path.resolve())
     kw = storage.boto3_kwargs()
-    args = {
-        "access_key": kw["aws_access_key_id"],
-        "secret_key": kw["aws_secret_access_key"],
-        "region": kw["region_name"],
-    }
+    args = {"region": kw["region_name"]}
+    if keys:
+        args |= {"access_key": kw["aws_access_key_id"], "secret_key": kw["aws_secret_access_key"]}
     if kw["endpoint_url"]:
         ep = urlparse(kw["endpoint_url"])
         args |= {"endpoint_override": ep.netloc, "scheme": ep.scheme or "http"}

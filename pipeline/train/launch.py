@@ -98,9 +98,12 @@ def connect_and_choose_device(settings: Settings) -> bool:
     return choose_device(settings, ray.cluster_resources().get("GPU", 0))
 
 
-def launch(settings: Settings, mlflow_run_id: str | None):
+def launch(
+    settings: Settings, mlflow_run_id: str | None, *, callbacks: list | None = None, register_model: bool = True
+):
     """Run the TorchTrainer for ``train.run_name`` on the cluster of ``settings.cluster``; returns Ray
-    Train's Result."""
+    Train's Result. ``callbacks``: Ray Train callbacks of the run (a sweep's report to Ray Tune);
+    ``register_model``: a finished run adds a version to its registered model (a sweep's trials do not)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -134,6 +137,7 @@ def launch(settings: Settings, mlflow_run_id: str | None):
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=settings.cluster.max_failures),
+            callbacks=callbacks,
             worker_runtime_env={
                 "env_vars": {
                     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -153,7 +157,7 @@ def launch(settings: Settings, mlflow_run_id: str | None):
     print(f"waiting for {settings.cluster.num_workers} Ray Train workers ({each} each) to start ...", flush=True)
     trainer.waiting_for = f"{settings.cluster.num_workers} worker(s) of {each}"
     result = fit(trainer, settings.tracking.uri, mlflow_run_id)
-    if mlflow_run_id and result.error is None:  # a failed or diverged run registers nothing
+    if register_model and mlflow_run_id and result.error is None:  # a failed or diverged run registers nothing
         from pipeline.sample.model import register
         from pipeline.tracking import TrackingError
 
