@@ -101,10 +101,6 @@ class Space:
         width = max((len(p.path) for p in self.params), default=0)
         return "\n".join(f"  {p.path:<{width}}  {p.describe()}" for p in self.params)
 
-    def trial_settings(self, base: Settings, values: dict[str, Any]) -> Settings:
-        """``base`` with a trial's ``values`` (path -> value) set; ConfigError naming a bad value."""
-        return with_values(base, values)
-
 
 # ------------------------------------------------------------------------------------------------
 # Loading
