@@ -21,6 +21,7 @@ from pipeline.tracking import NOTE_TAG
 from pipeline.train import dist
 from pipeline.train.checkpointer import Checkpointer, Session
 from pipeline.train.elastic import log_world_size, step_inputs
+from pipeline.train.failures import NotRetryable
 from pipeline.train.reporting import GridLogger, MetricLogger, Progress, StepTimer, log_run_start, run_description
 from pipeline.train.state import OptimConfig, TrainState
 from pipeline.train.validate import Validator
@@ -96,7 +97,7 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
             _say(rank, f"{bad} non-finite steps in a row: rolling back to the last checkpoint")
             batches.close()  # stops this stream's DataLoader workers before the rewound one starts
             if checkpoints.restore() is None:
-                raise RuntimeError(
+                raise NotRetryable(  # a restart would start from the same weights and diverge again
                     f"training diverged ({bad} non-finite steps in a row at {state.images_seen} images) "
                     "and there is no checkpoint to roll back to; lower --train.lr or raise --train.warmup-images"
                 )
