@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -34,7 +35,7 @@ TRAIN = [
     "--data.url", DATA_URL,
     "--data.loader-workers", "0",
     "--train.batch-size", "32",
-    "--train.total-images", "3840",
+    "--train.total-images", "1920",
     "--train.checkpoint-every-images", "640",
     "--train.sample-every-images", "0",
     "--train.grid-size", "4",
@@ -111,13 +112,14 @@ def run_of(env, name):
 
 
 def checkpoints(env, run_name: str) -> list[str]:
-    from pipeline.checkpoint import images_of
+    """The run's complete checkpoints on S3 (meta.json, written last, is there)."""
+    from pipeline.checkpoint import META_FILE, images_of
     from pipeline.config import StorageConfig
     from pipeline.data.storage import list_urls
 
     storage = StorageConfig.from_env(env)
     urls = list_urls(f"s3://ddpm-checkpoints/runs/{run_name}", storage)
-    return sorted({p for u in urls for p in u.split("/") if images_of(p) is not None})
+    return sorted({p for u in urls if u.endswith(f"/{META_FILE}") for p in u.split("/") if images_of(p) is not None})
 
 
 def images_per_s(logs: str) -> float | None:
@@ -176,23 +178,15 @@ def test_other_host_without_credentials_is_refused(cluster):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
-def test_train_across_hosts_resumes_after_losing_a_host(cluster, one_host):
+def test_train_across_hosts_equals_one_host(cluster, one_host):
+    """One worker per host, DDP over the veth interface, checkpoints on S3 only, MLflow with its login from
+    wherever rank 0 runs, no secret in the job's logs or MLflow params; the final loss equals that of the
+    same run on the session's one-node stack. Losing a host mid-run:
+    test_elastic_group_shrinks_on_host_loss_and_grows_back."""
     env, name = cluster.env, f"mh-{uuid.uuid4().hex[:8]}"
-    killed: dict[str, float] = {}
-
-    def kill_after_first_checkpoint(client, job_id):
-        if "t_kill" not in killed and checkpoints(env, name):
-            killed["t_kill"] = time.monotonic()
-            cluster.kill_node()
-            killed["node_restart_s"] = cluster.start_node()
-        elif "t_kill" in killed and "resumed_s" not in killed and "resumed at" in client.get_job_logs(job_id):
-            killed["resumed_s"] = time.monotonic() - killed["t_kill"]
-
     args = [*TRAIN, "--train.run-name", name, "--cluster.socket-ifname", IFNAME]
-    status, logs, wall = submit(env, "jobs/train.py", args, on_poll=kill_after_first_checkpoint)
+    status, logs, wall = submit(env, "jobs/train.py", args)
     assert status == "SUCCEEDED", logs[-5000:]
-    assert "t_kill" in killed, f"no checkpoint appeared in S3 before the run ended:\n{logs[-3000:]}"
-    assert "resumed at" in logs, logs[-5000:]
 
     client, run = run_of(env, name)
     local = Path(client.download_artifacts(run.info.run_id, "provenance.json"))
@@ -214,11 +208,11 @@ def test_train_across_hosts_resumes_after_losing_a_host(cluster, one_host):
         {
             "train_two_hosts": {"wall_s": round(wall, 1), "images_per_s": images_per_s(logs), "final_loss": loss_two},
             "train_one_host": {"wall_s": round(wall1, 1), "images_per_s": images_per_s(logs1), "final_loss": loss_one},
-            "kill_to_training_again_s": round(killed.get("resumed_s", float("nan")), 1),
-            "node_restart_s": round(killed["node_restart_s"], 1),
         }
     )
-    assert loss_two < 0.5 and 0.5 < loss_two / loss_one < 2.0, FIGURES
+    # The data order is fixed by the seed and gloo sums the two ranks' gradients in the same order on
+    # either cluster: the same run, to float32 rounding.
+    assert math.isclose(loss_two, loss_one, rel_tol=1e-5), FIGURES
     FIGURES["run"] = {"name": name, "run_id": run.info.run_id}
 
 
@@ -233,7 +227,7 @@ def _metrics(client, run_id: str, eval_name: str) -> dict:
 
 def test_sampling_fans_out_over_both_hosts_byte_identical_to_one_host(cluster, one_host):
     if "run" not in FIGURES:
-        pytest.fail("needs the run of test_train_across_hosts_resumes_after_losing_a_host")
+        pytest.fail("needs the run of test_train_across_hosts_equals_one_host")
     run_id, env = FIGURES["run"]["run_id"], cluster.env
     status, logs, _ = submit(env, "jobs/sample.py", ["--run-id", run_id, *SAMPLE, "--name", "two-hosts"])
     assert status == "SUCCEEDED", logs[-5000:]
@@ -277,18 +271,28 @@ def _by_group(values: list[tuple[int, float]], changes: list[tuple[int, float]])
 
 
 def test_elastic_group_shrinks_on_host_loss_and_grows_back(cluster):
-    """``--cluster.num-workers 1-2``: the second host is killed mid-run, training goes on with one worker from
-    the last checkpoint, the host comes back and the group grows back to two. Figures: docs/elastic.md."""
+    """``--cluster.num-workers 1-2``: the second host is killed mid-run (SIGKILL of its PID namespace), training
+    goes on with one worker from the last checkpoint, the host comes back and the group grows back to two.
+    The job is longer than it needs to be and is stopped once MLflow shows the regrown group: how long
+    the phases take varies with the machine's load, not how many images they need. Figures:
+    docs/elastic.md, docs/cluster.md."""
     env, name = cluster.env, f"el-{uuid.uuid4().hex[:8]}"
     if not cluster.node_alive():
         cluster.start_node()
-    total, every = 16000, 1600
+    total, every = 400_000, 1600
     args = [a for a in TRAIN if a not in ("--cluster.num-workers", "2")]
     args = [*args, "--train.total-images", str(total), "--train.checkpoint-every-images", str(every)]
     args += ["--cluster.num-workers", "1-2", "--cluster.resize-interval-s", "5", "--cluster.max-failures", "3"]
+    # Ray Train's view of the cluster lags a host loss (it refreshes every 20 s), so the group first asks
+    # for two workers again; a shorter start timeout than Ray's 60 s bounds that wait.
+    args += ["--cluster.worker-start-timeout-s", "20"]
     args += ["--train.progress-every-s", "1", "--train.run-name", name, "--cluster.socket-ifname", IFNAME]
     t: dict[str, float] = {}
     events: list[tuple[float, str]] = []
+
+    def sizes_logged() -> list[tuple[int, float]]:
+        client, run = run_of(env, name)
+        return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/world_size"))
 
     def drive(client, job_id):
         logs = client.get_job_logs(job_id)
@@ -312,18 +316,25 @@ def test_elastic_group_shrinks_on_host_loss_and_grows_back(cluster):
                 t["node_back"] = time.monotonic()
         if "node_back" in t and "grown" not in t and "world_size=2" in logs[logs.rfind("world_size=1") :]:
             t["grown"] = now
+        if "grown" in t and "stopped" not in t:
+            sizes = sizes_logged()  # the regrown group's size reaches MLflow through rank 0's queue
+            if 1.0 in _sizes_in_order(sizes) and sizes[-1][1] == 2.0:
+                t["stopped"] = now
+                client.stop_job(job_id)
 
-    status, logs, wall = submit(env, "jobs/train.py", args, on_poll=drive, timeout=900)
-    print("\njob log lines after the kill (seconds after it):")
-    print(
-        "\n".join(
-            f"{s:7.1f} {line}"
-            for s, line in events
-            if ("[train]" in line or "orker" in line) and "images (" not in line
+    try:
+        status, logs, wall = submit(env, "jobs/train.py", args, on_poll=drive, timeout=360)
+    finally:
+        print(f"\nphases (monotonic s): {t}\njob log lines after the kill (seconds after it):")
+        print(
+            "\n".join(
+                f"{s:7.1f} {line}"
+                for s, line in events
+                if ("[train]" in line or "orker" in line) and "images (" not in line
+            )
         )
-    )
-    assert status == "SUCCEEDED", logs[-5000:]
-    assert {"kill", "small", "small_step", "grown"} <= t.keys(), (t, logs[-5000:])
+    assert {"kill", "small", "small_step", "grown", "stopped"} <= t.keys(), (t, logs[-5000:])
+    assert status == "STOPPED", logs[-5000:]
 
     client, run = run_of(env, name)
     rid = run.info.run_id
@@ -331,12 +342,13 @@ def test_elastic_group_shrinks_on_host_loss_and_grows_back(cluster):
     seen = [(m.step, m.value) for m in by_time]
     steps = [s for s, _ in seen]
     assert steps == sorted(set(steps)), "duplicate or backwards MLflow steps"
-    assert steps[-1] >= total and all(s == v for s, v in seen)
-    sizes = sorted((m.step, m.value) for m in client.get_metric_history(rid, "train/world_size"))
+    assert all(s == v for s, v in seen)
+    sizes = sizes_logged()
     changes = [(s, w) for i, (s, w) in enumerate(sizes) if i == 0 or w != sizes[i - 1][1]]
     assert [w for _, w in changes] == [2.0, 1.0, 2.0], sizes
     tags = {k: v for k, v in client.get_run(rid).data.tags.items() if k.startswith("elastic.resize.")}
     assert sorted(v.split(" workers")[0] for v in tags.values()) == ["1 -> 2", "2 -> 1"], tags
+    assert checkpoints(env, name), "checkpoints are on S3"
 
     # The smaller group restores the newest checkpoint: the group had shown images_at_kill when the host
     # was killed, and the checkpoints before that are at most one interval apart. The log streams behind
@@ -356,8 +368,15 @@ def test_elastic_group_shrinks_on_host_loss_and_grows_back(cluster):
         "node_back_to_grown_group_s": round(t["grown"] - t["node_back"], 1),
         "world_sizes": sizes,
         "images_per_s_median": [(w, round(float(np.median(v[1:] or v)), 1)) for w, v in rates if v],
+        "mlflow_run_status": client.get_run(rid).info.status,
     }
     FIGURES["elastic"] = figures
-    assert figures["kill_to_first_step_on_smaller_group_s"] <= 90, figures
+    assert figures["kill_to_first_step_on_smaller_group_s"] <= 90, figures  # 40 s at a load of 5, 66 s at 15
     assert resumed[0] >= t["images_at_kill"] - every, (resumed, t["images_at_kill"], figures)
     assert redone <= every, figures
+    assert figures["mlflow_run_status"] == "KILLED", figures  # the stopped job ended its run as stopped
+
+
+def _sizes_in_order(sizes: list[tuple[int, float]]) -> list[float]:
+    """The world sizes (step, size) in the order the run went through them."""
+    return [w for i, (_, w) in enumerate(sizes) if i == 0 or w != sizes[i - 1][1]]

@@ -43,6 +43,7 @@ def test_mlflow_login_only_beyond_loopback(tmp_path):
     ini = Path(extra["MLFLOW_AUTH_CONFIG_PATH"])
     assert ini.stat().st_mode & 0o777 == 0o600 and env["MLFLOW_TRACKING_PASSWORD"] in ini.read_text()
     assert "default_permission = NO_PERMISSIONS" in ini.read_text()
+    assert "auth_cache_ttl_seconds = 300" in ini.read_text()  # else a PBKDF2 check on every request
     ray_argv, ray_env = served._command("ray")
     assert "--node-ip-address=10.1.2.3" in ray_argv and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in ray_env
     assert ray_env["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_TRACKING_PASSWORD"]  # for job drivers on the head
