@@ -25,10 +25,13 @@ from infra.stack import Stack
 REPO = Path(__file__).resolve().parents[1]
 DATA_URL = "s3://ddpm-data/digits"
 # The demo's CPU recipe: the `digits` U-Net, 2 workers x 1 thread, 120k images (~75 epochs of the
-# 1,617 training digits); a few minutes of training here reach recognisable digits (docs/demo-grid.png).
+# 1,617 training digits). The optimisation settings are the best trial of the digits sweep
+# (jobs/spaces/digits.yaml, docs/quality.md): v-prediction, Min-SNR-5 weighting, a cosine learning rate
+# from 2e-3, EMA 0.998.
 TRAIN_ARGS = [
     "--model.preset", "digits", "--train.total-images", "120000", "--train.batch-size", "128",
-    "--train.lr", "1e-3", "--train.warmup-images", "5000", "--train.ema-decay", "0.995",
+    "--train.lr", "2e-3", "--train.lr-schedule", "cosine", "--train.warmup-images", "5000",
+    "--train.ema-decay", "0.998", "--train.loss-weighting", "min_snr", "--diffusion.objective", "v",
     "--train.checkpoint-every-images", "50000", "--train.sample-every-images", "50000",
     "--train.log-every-steps", "20", "--sample.method", "ddim", "--sample.steps", "100",
 ]  # fmt: skip
