@@ -58,9 +58,10 @@ def log_world_size(tracker, world_size: int, images_seen: int, previous: int | N
     tag for each resize (``elastic.resize.<images>``: old -> new and the checkpoint it resumed from)."""
     if tracker is None:
         return
-    # After a restart the tracker drops steps the run already holds (the images redone since the checkpoint):
-    # the new size is logged at the first step whose metrics come from the new group.
-    step = max(images_seen, getattr(tracker, "min_step", -1) + 1)
+    # After a restart the tracker drops steps the run already holds (the images redone since the checkpoint),
+    # and the restored checkpoint's own step holds the size of the group that wrote it: the new size is
+    # logged past both, at the first step whose metrics come from the new group.
+    step = max(images_seen + (1 if checkpoint else 0), getattr(tracker, "min_step", -1) + 1)
     tracker.log_metrics({WORLD_SIZE_METRIC: float(world_size)}, step=step)
     if previous is not None and previous != world_size:
         where = f" from {checkpoint.rstrip('/').rsplit('/', 1)[-1]}" if checkpoint else ""
