@@ -191,7 +191,9 @@ def test_resume_equals_uninterrupted(stack, uninterrupted):
         stack.env, COMMON + ["--train.run-name", name, "--train.total-images", "1600", "--train.resume", *elastic]
     )
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "restored" in logs and "waiting for 1-2 Ray Train workers" in logs and "world_size=2" in logs
+    # The driver's own line; the workers' lines ("restored", "world_size=2") can reach the job log after
+    # the job ended, so the restore and the group's size are checked in MLflow below.
+    assert "waiting for 1-2 Ray Train workers" in logs, logs[-4000:]
     client, run_b = mlflow_run(stack.env, name)
     _, run_a = mlflow_run(stack.env, name_a)
     a = dict(history(client, run_a.info.run_id, "train/loss"))
