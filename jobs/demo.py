@@ -109,6 +109,8 @@ def main() -> int:
     fd = re.search(r'"(eval/[^"]*fd[^"]*)": ([0-9.e+-]+)', sample_logs)
     print("\n=== done ===")
     print(f"MLflow UI:        {env['MLFLOW_TRACKING_URI'].rstrip('/')}")
+    if user := env.get("MLFLOW_TRACKING_USERNAME"):
+        print(f"MLflow login:     user {user}, password in {Path(env['DDPM_STACK_DIR']) / 'credentials.json'}")
     print(f"training run:     {run_name} (MLflow run id {run_id})")
     print(f"run page:         {page.group(1)}")
     if grid:

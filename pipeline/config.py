@@ -325,6 +325,7 @@ def workers_range(v: Any) -> tuple[int, int]:
 
 
 ENV_FILE_VAR = "DDPM_ENV_FILE"
+MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def env_file() -> dict[str, str]:
@@ -358,7 +359,12 @@ class ServiceEnvSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        values = env_file() | {k: v for k, v in os.environ.items() if k in self.MAPPING}
+        from_file = env_file()
+        # The MLflow client reads its login from the process environment only: one from the file is exported.
+        for var in MLFLOW_LOGIN:
+            if from_file.get(var) and not os.environ.get(var):
+                os.environ[var] = from_file[var]
+        values = from_file | {k: v for k, v in os.environ.items() if k in self.MAPPING}
         out: dict[str, dict[str, str]] = {}
         for var, (section, name) in self.MAPPING.items():
             if values.get(var) and section in self.settings_cls.model_fields:

@@ -69,9 +69,15 @@ def stack() -> Iterator[RunningStack]:
     with _test_leases(config.state_dir) as leases:
         result = handle.up(timeout=240)
         (leases / str(os.getpid())).touch()
+    # MLflow's client reads its login from os.environ only; the session's clients talk to this stack.
+    login = {k: v for k, v in result.env.items() if k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    before = {k: os.environ.get(k) for k in login}
+    os.environ.update(login)
     try:
         yield RunningStack(config=config, env=result.env, stack=handle, started=result.started)
     finally:
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         with _test_leases(config.state_dir) as leases:
             (leases / str(os.getpid())).unlink(missing_ok=True)
             to_stop = leases / "stop-when-unused.json"  # services started by sessions that have ended

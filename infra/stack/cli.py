@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--host",
         help=f"address the services listen on (${HOST_ENV}, default {HOST}); another address of this machine "
-        "lets other hosts join (MLflow then asks for a login, see env; SeaweedFS's internal ports stay on "
-        "127.0.0.1, its S3 port is relayed)",
+        "lets other hosts join (SeaweedFS's S3 port is relayed there, its other ports stay in its private "
+        "network)",
     )
     up.add_argument("--port-offset", type=int, help=f"added to every default port (${OFFSET_ENV})")
     for name, var in PORT_ENV.items():
@@ -71,6 +71,8 @@ def _up(args: argparse.Namespace) -> int:
     )
     for name in result.started + result.reused:
         print(f"  {name:7s} {stack.config.urls[name]}")
+    if "mlflow" in result.started + result.reused:
+        print(f"  MLflow's login: user {result.env['MLFLOW_TRACKING_USERNAME']}, password in {stack.credentials_file}")
     return 0
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import http.client
 import json
 import os
 import secrets
+import socket
 import string
 import sys
 import time
@@ -51,6 +54,30 @@ def _get(url: str, headers: Mapping[str, str] | None = None):
             return r.read() if 200 <= r.status < 300 else None
     except (urllib.error.URLError, OSError, ValueError):
         return None
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path):
+        super().__init__("localhost", timeout=3)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def _get_unix(path: Path, url_path: str):
+    """The 2xx response body of a GET over a Unix socket, else None."""
+    conn = _UnixHTTPConnection(path)
+    try:
+        conn.request("GET", url_path)
+        r = conn.getresponse()
+        return r.read() if 200 <= r.status < 300 else None
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
 
 
 def weed_binary() -> Path:
@@ -101,6 +128,7 @@ class Stack:
         self.s3_config_file, self.ray_token_file = d / "s3-identities.json", d / "ray-auth-token"
         self.weed_dir, self.mlflow_db = d / "s3", d / "mlflow" / "mlflow.db"
         self.mlflow_auth_file = d / "mlflow" / "basic-auth.ini"
+        self.weed_master_socket = d / "weed-master.sock"
 
     @classmethod
     def from_state_dir(cls, state_dir: str | Path | None = None) -> Stack:
@@ -131,18 +159,17 @@ class Stack:
             creds |= {"mlflow_username": "admin", "mlflow_password": secrets.token_urlsafe(24)}
             creds |= {"mlflow_csrf_key": secrets.token_urlsafe(32)}  # the auth app's form (CSRF) signing key
             write_private_json(self.credentials_file, creds)
-        if self.mlflow_auth:
-            # MLflow's basic-auth app creates this admin on its first start; nobody else gets any permission.
-            # Without its credential cache every request pays a PBKDF2 check (0.8 s of CPU per request
-            # measured on 2 loaded cores); with one server worker a cached login cannot go stale.
-            write_private(
-                self.mlflow_auth_file,
-                "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-                f"database_uri = sqlite:///{self.mlflow_db.parent / 'basic-auth.db'}\n"
-                f"admin_username = {creds['mlflow_username']}\nadmin_password = {creds['mlflow_password']}\n"
-                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                "auth_cache_ttl_seconds = 300\n",
-            )
+        # MLflow's basic-auth app creates this admin on its first start; nobody else gets any permission.
+        # Without its credential cache every request pays a PBKDF2 check (0.8 s of CPU per request
+        # measured on 2 loaded cores); with one server worker a cached login cannot go stale.
+        write_private(
+            self.mlflow_auth_file,
+            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{self.mlflow_db.parent / 'basic-auth.db'}\n"
+            f"admin_username = {creds['mlflow_username']}\nadmin_password = {creds['mlflow_password']}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 300\n",
+        )
         identity = {
             "name": "ddpm",
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
@@ -155,14 +182,15 @@ class Stack:
     def _credentials(self) -> dict[str, str]:
         return json.loads(read_private(self.credentials_file))
 
-    @property
-    def mlflow_auth(self) -> bool:
-        """MLflow asks for a login when it listens beyond loopback (other hosts could reach it)."""
-        return not self.config.loopback
+    @functools.cached_property
+    def private_network(self) -> bool:
+        """Whether weed runs in a network namespace of its own, its ports out of reach of other local users
+        (needs unprivileged user namespaces, or root); else they listen on 127.0.0.1."""
+        from infra.stack.relay import private_network_available  # not at import: `-m infra.stack.relay` runs it
+
+        return private_network_available()
 
     def _mlflow_server_auth(self) -> dict[str, str]:
-        if not self.mlflow_auth:
-            return {}
         key = self._credentials()["mlflow_csrf_key"]
         return {"MLFLOW_AUTH_CONFIG_PATH": str(self.mlflow_auth_file), "MLFLOW_FLASK_SERVER_SECRET_KEY": key}
 
@@ -185,8 +213,6 @@ class Stack:
         } | self._mlflow_login(creds)
 
     def _mlflow_login(self, creds: Mapping[str, str]) -> dict[str, str]:
-        if not self.mlflow_auth:
-            return {}
         return {
             "MLFLOW_TRACKING_USERNAME": creds["mlflow_username"],
             "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"],
@@ -199,8 +225,8 @@ class Stack:
         c, client, host = self.config, self.env(), self.config.host
         s3_env = {k: v for k, v in client.items() if k.startswith("AWS_")}
         if name == "s3":
-            # weed binds every port to one address and only its S3 API asks for credentials: weed stays on
-            # loopback, and beyond it a relay puts the S3 port alone on the stack's address (relay.py).
+            # weed binds every port to one address and only its S3 API asks for credentials: weed runs in a
+            # network of its own and a relay puts its S3 port alone on the stack's addresses (relay.py).
             weed = [
                 str(weed_binary()), "mini", f"-dir={self.weed_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
                 f"-s3.port={c.s3_port}", f"-s3.config={self.s3_config_file}", "-s3.iam=false",
@@ -211,16 +237,22 @@ class Stack:
                 f"-{part.replace('.grpc', '.port.grpc') if '.grpc' in part else part + '.port'}={port}"
                 for part, port in c.weed_ports().items()
             ]
-            if not c.loopback:
-                relay = [sys.executable, "-m", "infra.stack.relay", f"{host}:{c.s3_port}", f"{HOST}:{c.s3_port}", "--"]
-                weed = relay + weed
+            s3, master = f"{HOST}:{c.s3_port}", f"{HOST}:{c.weed_ports()['master']}"
+            routes = [] if c.loopback else [f"{host}:{c.s3_port}={s3}"]
+            if self.private_network:
+                if len(str(self.weed_master_socket)) > 100:
+                    raise StackError(f"the state directory's path is too long for a socket: {self.config.state_dir}")
+                routes = [f"{s3}={s3}", *routes, f"{self.weed_master_socket}={master}"]
+            if routes:
+                private = ["--private-network"] if self.private_network else []
+                weed = [sys.executable, "-m", "infra.stack.relay", *private, *routes, "--", *weed]
             return weed, s3_env
         if name == "mlflow":
             _require_module("mlflow", "mlflow")
             hosts = list(
                 dict.fromkeys([f"{host}:{c.mlflow_port}", f"{HOST}:{c.mlflow_port}", f"localhost:{c.mlflow_port}"])
             )
-            auth = ["--app-name", "basic-auth"] if self.mlflow_auth else []
+            auth = ["--app-name", "basic-auth"]  # a login even on loopback: other local users reach that too
             return [
                 sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(c.mlflow_port), *auth,
                 "--workers", "1", "--backend-store-uri", f"sqlite:///{self.mlflow_db}",
@@ -330,6 +362,11 @@ class Stack:
                 records[name] = processes.launch(argv, self._service_env(extra), self.config.state_dir, log)
                 if say:
                     say(f"waiting for {_waiting_for(name, first_mlflow)} ...")
+                    if name == "s3" and not self.private_network:
+                        say(
+                            "note: this machine allows no private network namespace for this user, so SeaweedFS's "
+                            "master, volume and filer ports on 127.0.0.1 answer any local user (docs/stack.md)"
+                        )
             write_private_json(self.pids_file, records)
             try:
                 with ThreadPoolExecutor(len(wanted) or 1) as pool:
@@ -369,7 +406,10 @@ class Stack:
         ids = {p.stem.rpartition("_")[2] for p in self.weed_dir.glob("*.dat")}
         if not ids:
             return True
-        body = _get(f"http://{HOST}:{self.config.weed_ports()['master']}/vol/status")
+        if self.weed_master_socket.exists():
+            body = _get_unix(self.weed_master_socket, "/vol/status")
+        else:
+            body = _get(f"http://{HOST}:{self.config.weed_ports()['master']}/vol/status")
         try:
             topology = json.loads(body)["Volumes"]["DataCenters"]
         except (TypeError, ValueError, KeyError):

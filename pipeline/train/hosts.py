@@ -17,10 +17,7 @@ import time
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
-from pipeline.config import Settings
-
-# The MLflow client reads its login from these variables; a worker gets them from the driver.
-MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+from pipeline.config import MLFLOW_LOGIN, Settings
 
 _RANK_HOSTS: list[dict] | None = None
 

@@ -6,6 +6,7 @@ to a one-host run. The same settings on the session's one-node test stack give t
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from infra.stack.services import _get_unix
 from tests.integration.multihost import HEAD_IP, IFNAME, NETNS, NODE_IP
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,10 +63,13 @@ def _prepare(env: dict[str, str]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(two_hosts):
+    login = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     _prepare(two_hosts.env)
     FIGURES["two_host_cluster_start_s"] = round(two_hosts.timings["cluster_s"], 1)
     yield two_hosts
     print("\nmulti-host figures:", json.dumps(FIGURES, indent=1))
+    for k, v in login.items():  # mlflow_client() switched the process's login to this cluster's
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +179,13 @@ def test_other_host_without_credentials_is_refused(cluster):
     assert codes["ray_jobs"] == 401, codes
     assert codes["ports"] == {**dict.fromkeys(weed, "ECONNREFUSED"), "S3": "connected", "MLflow": "connected"}, codes
     assert HEAD_IP in env["MLFLOW_TRACKING_URI"] and HEAD_IP in env["AWS_ENDPOINT_URL"], env  # beyond loopback
-    for port in (config.weed_ports()["filer"], config.weed_ports()["master.grpc"]):  # weed's ports are up, on loopback
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    # weed's ports are up in its private network only: refused on this host's loopback too, and its master
+    # answers through the owner's Unix socket.
+    for port in (config.weed_ports()["filer"], config.weed_ports()["master.grpc"]):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED, port
+    assert cluster.stack.weed_master_socket.stat().st_mode & 0o777 == 0o600
+    assert b"DataCenters" in _get_unix(cluster.stack.weed_master_socket, "/vol/status")
 
 
 def test_train_across_hosts_equals_one_host(cluster, one_host):

@@ -5,7 +5,9 @@ What needs no running service (ports, state files, process handling, the CLI) is
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno
 import importlib
 import ipaddress
 import json
@@ -31,6 +33,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from infra.stack import BUCKETS, SERVICES, Stack, StackConfig, load_env
+from infra.stack.services import _get_unix
 
 psutil = importlib.import_module("psutil")
 
@@ -252,7 +255,10 @@ def test_the_env_file_alone_configures_a_client(stack, tmp_path):
         "buckets = sorted(b['Name'] for b in s3.list_buckets()['Buckets'])\n"
         "info = connect(s.cluster.address, log=lambda _: None)\n"
         "answer = ray.get(ray.remote(lambda: 42).remote())\n"
-        "print(json.dumps({'buckets': buckets, 'tracking': s.tracking.uri, 'ray': info['address'], 'answer': answer}))\n"
+        "import mlflow\n"
+        "names = [e.name for e in mlflow.MlflowClient(s.tracking.uri).search_experiments()]\n"
+        "print(json.dumps({'buckets': buckets, 'tracking': s.tracking.uri, 'ray': info['address'], 'answer': answer,\n"
+        "                  'experiments': names}))\n"
     )
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DDPM_ENV_FILE": str(stack.config.state_dir / "env.json")}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
@@ -260,6 +266,30 @@ def test_the_env_file_alone_configures_a_client(stack, tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(BUCKETS) <= set(out["buckets"]) and out["tracking"] == stack.env["MLFLOW_TRACKING_URI"]
     assert out["ray"] == f"127.0.0.1:{stack.config.ray_port}" and out["answer"] == 42
+    assert "Default" in out["experiments"]  # MLflow's login came from the file too
+
+
+def test_mlflow_refuses_requests_without_its_login(stack):
+    """On loopback too: any local user can reach 127.0.0.1, and MLflow serves the checkpoints."""
+    uri = stack.env["MLFLOW_TRACKING_URI"].rstrip("/")
+    login = (stack.env["MLFLOW_TRACKING_USERNAME"], stack.env["MLFLOW_TRACKING_PASSWORD"])
+    search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    artifacts = f"{uri}/api/2.0/mlflow-artifacts/artifacts?path="
+
+    def status(url: str, auth: tuple[str, str] | None) -> int:
+        request = urllib.request.Request(url)
+        if auth:
+            token = base64.b64encode(":".join(auth).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status(search, None) == 401 and status(artifacts, None) == 401
+    assert status(search, (login[0], "not-the-password")) == 401
+    assert status(search, login) == 200 and status(artifacts, login) == 200
 
 
 def _is_loopback(ip: str) -> bool:
@@ -282,6 +312,20 @@ def test_nothing_listens_beyond_loopback(stack):
     c = stack.config
     assert {c.s3_port, c.mlflow_port, c.ray_dashboard_port, c.ray_port} <= {port for *_, port in bound}
     assert [b for b in bound if not _is_loopback(b[2])] == []
+
+
+def test_weeds_own_ports_are_out_of_reach_of_local_users(stack):
+    """weed's master, volume, filer and admin ports (HTTP and gRPC), which take no credentials, exist only in
+    its private network: refused here on loopback. S3 (with keys) comes through the relay, and weed's
+    master through a Unix socket only the stack's owner may open."""
+    if not stack.stack.private_network:
+        pytest.fail("this machine allows no private network namespace: weed's ports would be open (docs/stack.md)")
+    for name, port in stack.config.weed_ports().items():
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED, (name, port)
+    assert s3_client(stack.env).list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200
+    sock = stack.stack.weed_master_socket
+    assert sock.stat().st_mode & 0o777 == 0o600 and b"DataCenters" in _get_unix(sock, "/vol/status")
 
 
 # ---------------------------------------------------------------- a private stack: restart and down

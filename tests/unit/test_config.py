@@ -57,6 +57,23 @@ def test_service_variables_and_env_file(monkeypatch, tmp_path):
         Settings.from_cli([])
 
 
+def test_mlflow_login_from_the_env_file_reaches_the_mlflow_client(monkeypatch, tmp_path):
+    """MLflow's client reads its login from os.environ only: a login in the env file is exported there,
+    and one already exported wins."""
+    login = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "from-file"}
+    (tmp_path / "env.json").write_text(json.dumps({"MLFLOW_TRACKING_URI": "http://127.0.0.1:2", **login}))
+    monkeypatch.setenv("DDPM_ENV_FILE", str(tmp_path / "env.json"))
+    for var in login:
+        monkeypatch.delenv(var, raising=False)
+    Settings.from_cli([])
+    from mlflow.environment_variables import MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_USERNAME
+
+    assert (MLFLOW_TRACKING_USERNAME.get(), MLFLOW_TRACKING_PASSWORD.get()) == ("admin", "from-file")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "exported")
+    Settings.from_cli([])
+    assert MLFLOW_TRACKING_PASSWORD.get() == "exported"
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [

@@ -28,11 +28,14 @@ def test_bind_address_not_on_this_machine_is_refused(tmp_path, capsys):
         StackConfig(state_dir=tmp_path, host="head.example")
 
 
-def test_mlflow_login_only_beyond_loopback(tmp_path):
+def test_mlflow_asks_for_a_login_on_loopback_and_beyond(tmp_path):
     local = Stack(StackConfig.resolve(state_dir=tmp_path / "a", environ={}))
     local._prepare()
-    assert "MLFLOW_TRACKING_PASSWORD" not in local.env()
-    assert "--app-name" not in local._command("mlflow")[0]
+    login = {k: v for k, v in local.env().items() if k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_TRACKING_URI"}
+    assert login["MLFLOW_TRACKING_USERNAME"] == "admin" and len(login["MLFLOW_TRACKING_PASSWORD"]) >= 24
+    argv, extra = local._command("mlflow")
+    assert argv[argv.index("--app-name") + 1] == "basic-auth" and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert login["MLFLOW_TRACKING_PASSWORD"] in Path(extra["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
 
     served = Stack(StackConfig.resolve(state_dir=tmp_path / "b", environ={}, host="10.1.2.3"))
     served._prepare()
@@ -49,23 +52,41 @@ def test_mlflow_login_only_beyond_loopback(tmp_path):
     assert ray_env["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_TRACKING_PASSWORD"]  # for job drivers on the head
 
 
-def test_weed_stays_on_loopback_and_only_its_s3_port_is_relayed_beyond_it(tmp_path):
+def test_weed_runs_in_a_private_network_and_only_its_s3_port_is_relayed(tmp_path):
     local = Stack(StackConfig.resolve(state_dir=tmp_path / "a", environ={}))
     local._prepare()
-    argv = local._command("s3")[0]
-    assert argv[1] == "mini" and "-ip.bind=127.0.0.1" in argv and "infra.stack.relay" not in argv
+    assert local.private_network  # this machine (and CI) allows one; tests/unit/infra/test_relay.py uses it
+    argv, port, master = local._command("s3")[0], local.config.s3_port, local.config.weed_ports()["master"]
+    at = argv.index("infra.stack.relay")
+    assert argv[at + 1 : at + 5] == [
+        "--private-network",
+        f"127.0.0.1:{port}=127.0.0.1:{port}",
+        f"{local.weed_master_socket}=127.0.0.1:{master}",
+        "--",
+    ]
+    assert argv[at + 5 :][1] == "mini" and "-ip.bind=127.0.0.1" in argv
 
     served = Stack(StackConfig.resolve(state_dir=tmp_path / "b", environ={}, host="10.1.2.3"))
     served._prepare()
     argv, port = served._command("s3")[0], served.config.s3_port
-    at = argv.index("infra.stack.relay")
-    assert argv[at + 1 : at + 4] == [f"10.1.2.3:{port}", f"127.0.0.1:{port}", "--"]
-    weed = argv[at + 4 :]
+    at = argv.index("--")
+    assert argv[argv.index("--private-network") + 1 : at] == [
+        f"127.0.0.1:{port}=127.0.0.1:{port}",
+        f"10.1.2.3:{port}=127.0.0.1:{port}",
+        f"{served.weed_master_socket}=127.0.0.1:{served.config.weed_ports()['master']}",
+    ]
+    weed = argv[at + 1 :]
     assert weed[1] == "mini" and "-ip=127.0.0.1" in weed and "-ip.bind=127.0.0.1" in weed
     assert not [a for a in weed if "10.1.2.3" in a]
     c = served.config
     assert c.listen_addresses("S3") == ("127.0.0.1", "10.1.2.3") and c.listen_addresses("weed filer") == ("127.0.0.1",)
     assert c.listen_addresses("MLflow") == ("10.1.2.3",)
+
+    served.private_network = False  # a machine without unprivileged namespaces: weed on loopback, S3 relayed
+    argv = served._command("s3")[0]
+    assert argv[argv.index("infra.stack.relay") + 1 : argv.index("--")] == [f"10.1.2.3:{port}=127.0.0.1:{port}"]
+    local.private_network = False
+    assert "infra.stack.relay" not in local._command("s3")[0]
 
 
 def test_join_needs_the_token_and_passes_it_by_environment(tmp_path):
