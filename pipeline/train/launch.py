@@ -12,6 +12,7 @@ import uuid
 
 from pipeline.config import ConfigError, Settings
 from pipeline.data.storage import filesystem
+from pipeline.train import lease
 from pipeline.train.hosts import check_reachable, driver_login, endpoints, gather_rank_hosts, worker_env_vars
 
 
@@ -27,8 +28,9 @@ def name_run(settings: Settings) -> None:
 
 def preflight(settings: Settings) -> str | None:
     """Check what must hold before the cluster trains (the data matches the settings, the run name is
-    new or resumed on purpose, the cluster has the devices asked for; ``ConfigError`` otherwise), then
-    find or create the MLflow run. Returns its id (None: untracked)."""
+    new or resumed on purpose, the cluster has the devices asked for, no other job trains the run;
+    ``ConfigError`` otherwise), then find or create the MLflow run. Returns its id (None: untracked).
+    The run's lease (pipeline/train/lease.py) is held from here until ``launch`` returns."""
     from pipeline.data.manifest import check_matches, open_manifest
 
     name, where = settings.train.run_name, settings.storage.checkpoint_url
@@ -46,6 +48,10 @@ def preflight(settings: Settings) -> str | None:
     if settings.train.resume and not exists:
         raise ConfigError(f"error: --train.resume: no run named {name!r} under {where}")
     connect_and_choose_device(settings)
+    lease.acquire(name)
+    if not settings.train.resume and run_exists(settings, name):  # written by a job that ended meanwhile
+        lease.release(name)
+        raise ConfigError(f"error: a run named {name!r} now exists under {where}; choose another --train.run-name")
     if not settings.tracking.uri:
         return None
     from pipeline.tracking import find_or_create_run
@@ -112,6 +118,7 @@ def launch(
     use_gpu = connect_and_choose_device(settings)
     fs, path = filesystem(settings.storage.checkpoint_url, settings.storage)
     run_name = settings.train.run_name
+    lease.acquire(run_name)  # held since preflight when it ran
     # Secrets travel inside the Ray cluster only, in the worker config (never printed).
     config = {"settings": settings.model_dump(mode="python"), "run_name": run_name, "mlflow_run_id": mlflow_run_id}
     # The workers follow the driver's decision: under Ray a CPU worker still sees the node's GPUs.
@@ -156,7 +163,10 @@ def launch(
     each = "one GPU" if use_gpu else f"{settings.cluster.threads_per_worker} CPU"
     print(f"waiting for {settings.cluster.num_workers} Ray Train workers ({each} each) to start ...", flush=True)
     trainer.waiting_for = f"{settings.cluster.num_workers} worker(s) of {each}"
-    result = fit(trainer, settings.tracking.uri, mlflow_run_id)
+    try:
+        result = fit(trainer, settings.tracking.uri, mlflow_run_id)
+    finally:
+        lease.release(run_name)
     if register_model and mlflow_run_id and result.error is None:  # a failed or diverged run registers nothing
         from pipeline.sample.model import register
         from pipeline.tracking import TrackingError

@@ -15,7 +15,10 @@ import hashlib
 import io
 import json
 import re
+import shlex
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +28,8 @@ import pytest
 from pipeline.checkpoint import images_of
 from tests.integration.test_train_job import (
     COMMON,
+    REPO,
+    TRAIN,
     _jobs,
     digits_shards,
     furthest_progress,
@@ -362,3 +367,102 @@ def test_strict_mode_bad_shard_fails_at_once_and_marks_the_run_failed(stack, dig
     assert run.info.status == "FAILED" and "ShardError" in run.data.tags["ddpm.failure_reason"]
     assert _checkpoint_names(stack.env, name) == []
     print(f"FIGURE strict shard error: failed in {time.monotonic() - t0:.0f} s, no retries")
+
+
+def test_concurrent_jobs_train_apart_and_a_second_job_on_a_run_in_training_is_refused(stack, digits_shards):
+    """Two jobs at once on two runs (one worker each, so both fit on the 2 CPUs) train as if alone: the
+    same settings give the same losses, and each run holds its own checkpoints and MLflow history. A third
+    job sent to resume the first while it trains is refused before it touches anything, naming the job
+    that holds the run (pipeline/train/lease.py); the first is not disturbed."""
+    a, b = (f"fault-conc{i}-{uuid.uuid4().hex[:6]}" for i in (1, 2))
+    total = 1920
+
+    def args(name: str) -> list[str]:
+        return ARGS + ["--train.run-name", name, "--train.total-images", str(total), "--cluster.num-workers", "1"]
+
+    jobs = _jobs(stack.env)
+    ids = [jobs.submit_job(entrypoint=f"python {shlex.quote(str(TRAIN))} {shlex.join(args(n))}") for n in (a, b)]
+    try:
+        deadline = time.monotonic() + 300
+        while not _checkpoint_names(stack.env, a):
+            assert time.monotonic() < deadline and not jobs.get_job_status(ids[0]).is_terminal(), jobs.get_job_logs(
+                ids[0]
+            )[-3000:]
+            time.sleep(1)
+        t0 = time.monotonic()
+        status, logs = submit(stack.env, args(a) + ["--train.resume"], timeout=180)
+        refused_s = time.monotonic() - t0
+        assert status == "FAILED", logs[-3000:]
+        assert f"error: run '{a}' is being trained by Ray job {ids[0]} (pid " in logs, logs[-3000:]
+        assert "waiting for" not in logs  # refused before any worker was asked for
+        for job_id in ids:
+            while not (status := jobs.get_job_status(job_id)).is_terminal():
+                assert time.monotonic() < deadline + 300, jobs.get_job_logs(job_id)[-3000:]
+                time.sleep(1)
+            assert str(status) == "SUCCEEDED", jobs.get_job_logs(job_id)[-4000:]
+    finally:
+        for job_id in ids:
+            if not jobs.get_job_status(job_id).is_terminal():
+                jobs.stop_job(job_id)
+    losses = []
+    for name in (a, b):
+        client, run = mlflow_run(stack.env, name)  # one MLflow run per name
+        assert run.info.status == "FINISHED" and "ddpm.failure_reason" not in run.data.tags
+        _step_history(client, run.info.run_id, total)
+        losses.append(history(client, run.info.run_id, "train/loss"))
+        left = _checkpoint_names(stack.env, name)
+        assert len(left) == 2 and images_of(left[-1]) >= total, left
+    assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]]
+    assert [v for _, v in losses[0]] == pytest.approx([v for _, v in losses[1]], rel=1e-6)
+    print(
+        f"FIGURE concurrent jobs: two runs equal to each other; a resume of a run in training refused in {refused_s:.0f} s"
+    )
+
+
+def test_a_run_lease_dies_with_its_driver(stack, stack_env):
+    """A driver that holds a run and is SIGKILLed leaves no lease behind: the name is free again within
+    seconds, without anyone cleaning up."""
+    hold = (
+        "import os, sys, time\n"
+        "from pipeline.cluster import connect\n"
+        "from pipeline.train import lease\n"
+        "connect(os.environ['RAY_ADDRESS'], log=lambda _: None)\n"
+        "lease.acquire(sys.argv[1])\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    name = f"lease-{uuid.uuid4().hex[:6]}"
+    holder = subprocess.Popen([sys.executable, "-c", hold, name], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        probe = (
+            "import os, sys\n"
+            "from pipeline.cluster import connect\n"
+            "from pipeline.train import lease\n"
+            "connect(os.environ['RAY_ADDRESS'], log=lambda _: None)\n"
+            "try:\n"
+            "    lease.acquire(sys.argv[1])\n"
+            "except lease.RunBusyError as e:\n"
+            "    print(e)\n"
+            "else:\n"
+            "    print('acquired')\n"
+        )
+
+        def try_acquire() -> str:
+            r = subprocess.run(
+                [sys.executable, "-c", probe, name], cwd=REPO, capture_output=True, text=True, timeout=120
+            )
+            assert r.returncode == 0, r.stderr[-3000:]
+            return r.stdout.strip().splitlines()[-1]
+
+        assert f"is being trained by a Ray driver (pid {holder.pid} on " in (busy := try_acquire()), busy
+        holder.kill()
+        holder.wait(timeout=30)
+        t0 = time.monotonic()
+        while (answer := try_acquire()) != "acquired":
+            assert time.monotonic() - t0 < 60, answer
+            time.sleep(1)
+        print(f"FIGURE run lease free again {time.monotonic() - t0:.0f} s after its driver was SIGKILLed")
+    finally:
+        holder.kill()
+        holder.wait()
