@@ -77,36 +77,57 @@ def is_outage(e: BaseException) -> bool:
     return isinstance(e, OSError) and any(h in str(e) for h in PYARROW_OUTAGE)
 
 
-def ride_out(what: str, fn: Callable[[], T], storage: Any = None, *, limit: float | None = None) -> T:
-    """``fn()``, retried with backoff while the storage is unreachable, up to ``limit`` seconds
-    (default ``storage.outage_s``); other errors raise at once. ``what`` names the operation in the
-    waiting messages and in the final error."""
-    limit = outage_limit(storage) if limit is None else limit
+def retry_with_backoff(
+    fn: Callable[[], T],
+    *,
+    transient: Callable[[Exception], bool],
+    limit: float,
+    waiting: Callable[[Exception, float], None],
+    give_up: Callable[[Exception, float], Exception],
+) -> T:
+    """``fn()``, retried while its error is ``transient``, sleeping 0.5 s doubling to 8 s, for up to
+    ``limit`` seconds from the first failure; other errors raise at once. ``waiting(error, seconds so
+    far)`` is called every 10 s of waiting; ``give_up(error, seconds)`` is the exception raised then."""
     start, delay, said = None, 0.5, float("-inf")
     while True:
         try:
             return fn()
         except Exception as e:
-            if not is_outage(e):
+            if not transient(e):
                 raise
             now = time.monotonic()
             start = now if start is None else start
             waited = now - start
             if waited >= limit:
-                raise StorageUnreachableError(
-                    f"storage at {endpoint_name(storage)} unreachable for {waited:.0f} s while {what} "
-                    f"(storage.outage_s={limit:g}): {type(e).__name__}: {e}"
-                ) from e
+                raise give_up(e, waited) from e
             if now - said >= 10:
                 said = now
-                print(
-                    f"[storage] waiting for {endpoint_name(storage)} ({what}: {type(e).__name__}); "
-                    f"{waited:.0f} s so far, retrying for up to {limit:g} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                waiting(e, waited)
             time.sleep(min(delay, max(limit - waited, 0.05)))
             delay = min(delay * 2, 8.0)
+
+
+def ride_out(what: str, fn: Callable[[], T], storage: Any = None, *, limit: float | None = None) -> T:
+    """``fn()``, retried with backoff while the storage is unreachable, up to ``limit`` seconds
+    (default ``storage.outage_s``); other errors raise at once. ``what`` names the operation in the
+    waiting messages and in the final error."""
+    limit = outage_limit(storage) if limit is None else limit
+
+    def waiting(e: Exception, waited: float) -> None:
+        print(
+            f"[storage] waiting for {endpoint_name(storage)} ({what}: {type(e).__name__}); "
+            f"{waited:.0f} s so far, retrying for up to {limit:g} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def give_up(e: Exception, waited: float) -> Exception:
+        return StorageUnreachableError(
+            f"storage at {endpoint_name(storage)} unreachable for {waited:.0f} s while {what} "
+            f"(storage.outage_s={limit:g}): {type(e).__name__}: {e}"
+        )
+
+    return retry_with_backoff(fn, transient=is_outage, limit=limit, waiting=waiting, give_up=give_up)
 
 
 @dataclass(frozen=True)

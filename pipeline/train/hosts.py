@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from urllib.parse import urlparse
 
 from pipeline.config import MLFLOW_LOGIN, Settings
+from pipeline.data.storage import retry_with_backoff
 
 _RANK_HOSTS: list[dict] | None = None
 
@@ -64,33 +65,34 @@ def check_reachable(services: Mapping[str, str], timeout: float = 5.0, wait_s: f
     operations) for up to ``wait_s`` seconds in all: a worker given ``storage.outage_s`` waits out an
     outage while its group (re)starts as a running worker would, instead of failing the start and
     spending one of ``cluster.max_failures``."""
-    start, delay, said = time.monotonic(), 0.5, float("-inf")
+    start, where = time.monotonic(), f"worker host {socket.gethostname()} ({node_ip()})"
     for name, url in services.items():
         u = urlparse(url)
         port = u.port or (443 if u.scheme == "https" else 80)
-        while True:
-            try:
-                socket.create_connection((u.hostname, port), timeout=timeout).close()
-                break
-            except OSError as e:
-                now = time.monotonic()
-                where = f"worker host {socket.gethostname()} ({node_ip()})"
-                if now - start >= wait_s:
-                    waited = f" (waited {now - start:.0f} s, storage.outage_s={wait_s:g})" if wait_s else ""
-                    raise UnreachableError(
-                        f"{where} cannot reach {name} at {url}: {e}{waited}; the endpoint must be an address "
-                        "every node of the cluster can reach (not 127.0.0.1 on another host)"
-                    ) from None
-                if now - said >= 10:
-                    said = now
-                    print(
-                        f"[hosts] {where} waiting for {name} at {url} ({e}); {now - start:.0f} s so far, "
-                        f"retrying for up to {wait_s:g} s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                time.sleep(min(delay, max(start + wait_s - now, 0.05)))
-                delay = min(delay * 2, 8.0)
+
+        def waiting(e: Exception, waited: float, name: str = name, url: str = url) -> None:
+            print(
+                f"[hosts] {where} waiting for {name} at {url} ({e}); {time.monotonic() - start:.0f} s so far, "
+                f"retrying for up to {wait_s:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        def give_up(e: Exception, waited: float, name: str = name, url: str = url) -> Exception:
+            spent = time.monotonic() - start
+            waited_text = f" (waited {spent:.0f} s, storage.outage_s={wait_s:g})" if wait_s else ""
+            return UnreachableError(
+                f"{where} cannot reach {name} at {url}: {e}{waited_text}; the endpoint must be an address "
+                "every node of the cluster can reach (not 127.0.0.1 on another host)"
+            )
+
+        retry_with_backoff(
+            lambda h=u.hostname, p=port: socket.create_connection((h, p), timeout=timeout).close(),
+            transient=lambda e: isinstance(e, OSError),
+            limit=max(start + wait_s - time.monotonic(), 0.0),  # one budget for all the services
+            waiting=waiting,
+            give_up=give_up,
+        )
 
 
 def gather_rank_hosts() -> list[dict]:
