@@ -268,7 +268,7 @@ def test_storage_errors_are_clear(s3, uneven):
         ShardReader(DataConfig(url=empty), s3.storage, batch_size=8)
     assert f"{empty}/train/manifest.json" in str(e.value) and "jobs/prepare_data.py" in str(e.value)
 
-    unreachable = s3.storage.model_copy(update={"endpoint_url": "http://127.0.0.1:9"})
+    unreachable = s3.storage.model_copy(update={"endpoint_url": "http://127.0.0.1:9", "outage_s": 2.0})
     with pytest.raises(StorageUnreachableError, match="127.0.0.1:9"):
         open_manifest(uneven.root, unreachable, "train")
 

@@ -11,22 +11,21 @@ run t0 again, and ASHA still compares t1 with t0's rung (its rungs are part of t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.integration.test_train_job import DATA_URL, _jobs, digits_shards
+
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / "jobs" / "sweep.py"
-DATA_URL = "s3://ddpm-data/test-sweep-digits"
 
 pytestmark = pytest.mark.stack
+__all__ = ["digits_shards"]  # the module-scoped fixture, shared with test_train_job
 
 FLAGS = [
     "--model.preset", "tiny",
@@ -51,20 +50,6 @@ FLAGS = [
     "--sweep.eval-steps", "10",
     "--sweep.state-every-s", "1",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def digits_shards(stack):
-    env = {**os.environ, **stack.env}
-    cmd = [sys.executable, str(REPO / "jobs/prepare_data.py"), "--out", DATA_URL, "--overwrite", "--no-progress"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    return DATA_URL
-
-
-def _jobs(env):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
 
 
 def _wait(client, job_id, timeout: float, until=None) -> str:
