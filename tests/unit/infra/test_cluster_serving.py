@@ -3,6 +3,7 @@ and what training workers on another host get and check (pipeline/train/hosts.py
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -152,3 +153,14 @@ def test_a_service_that_comes_up_late_is_waited_for_within_the_bound(capfd):
     ):
         check_reachable({"S3": url}, timeout=1, wait_s=1.5)
     assert 1.5 <= time.monotonic() - t0 < 5
+
+
+def test_a_state_dir_from_before_the_mlflow_login_gets_one(tmp_path):
+    old = {"access_key": "DDPMOLDKEY", "secret_key": "s", "mlflow_username": "admin", "mlflow_password": "p"}
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "credentials.json").write_text(json.dumps(old))
+    stack = Stack(StackConfig.resolve(state_dir=tmp_path, environ={}))
+    stack._prepare()
+    creds = json.loads((tmp_path / "credentials.json").read_text())
+    assert creds.items() >= old.items() and len(creds["mlflow_csrf_key"]) >= 32  # kept what was there
+    assert stack._command("mlflow")[1]["MLFLOW_FLASK_SERVER_SECRET_KEY"] == creds["mlflow_csrf_key"]
