@@ -138,7 +138,8 @@ class StackConfig:
 
     def listen_addresses(self, what: str) -> tuple[str, ...]:
         """Where a port of ``service_ports()`` listens: weed's own ports, which take no credentials, on
-        loopback only; S3 on loopback and, relayed, on the stack's address; the others on that address."""
+        loopback only (in weed's private network where it has one: ``up`` still wants them free here, for
+        a machine without); S3 on loopback and, relayed, on the stack's address; the others on that address."""
         if what.startswith("weed "):
             return (HOST,)
         return tuple(dict.fromkeys((HOST, self.host))) if what == "S3" else (self.host,)
