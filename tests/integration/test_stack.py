@@ -47,6 +47,8 @@ ENV_CONTRACT = {
     "AWS_SECRET_ACCESS_KEY",
     "AWS_DEFAULT_REGION",
     "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
     "RAY_ADDRESS",
     "RAY_AUTH_MODE",
     "RAY_AUTH_TOKEN",
@@ -121,9 +123,11 @@ def test_env_contract_and_private_files(stack):
     assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{c.mlflow_port}"
     assert env["RAY_ADDRESS"] == f"http://127.0.0.1:{c.ray_dashboard_port}"
     assert env["AWS_DEFAULT_REGION"] == "us-east-1" and env["RAY_AUTH_MODE"] == "token"
+    assert env["MLFLOW_TRACKING_USERNAME"] == "admin" and len(env["MLFLOW_TRACKING_PASSWORD"]) >= 24
     assert env["DDPM_STACK_DIR"] == str(c.state_dir) and Path(env["DDPM_STACK_DIR"]).is_absolute()
     assert load_env(c.state_dir) == env
-    for name in ("env.json", "credentials.json", "s3-identities.json", "ray-auth-token", "pids.json"):
+    private = ("env.json", "credentials.json", "s3-identities.json", "ray-auth-token", "pids.json", "weed-master.sock")
+    for name in (*private, "mlflow/basic-auth.ini"):
         assert stat.S_IMODE((c.state_dir / name).stat().st_mode) == 0o600, name
 
     cli = [sys.executable, "-m", "infra.stack"]
