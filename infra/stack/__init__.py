@@ -13,7 +13,7 @@ stops only the processes `up` recorded. Linux only (/proc).
     config.py     ports, the state directory and its private files
     processes.py  launching, finding and stopping a service's processes by PID; port owners
     services.py   the three services' commands and health checks; `Stack` (up, down, status, env)
-    relay.py      beyond loopback: SeaweedFS's S3 port, and nothing else of it, on the stack's address
+    relay.py      SeaweedFS in a network of its own: its S3 port (and its master, on a private socket) the only ways in
     cli.py        the command line
 """
 

@@ -59,8 +59,8 @@ class StackConfig:
     weed_port_base: int = DEFAULT_PORTS["weed_port_base"]
     num_cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     # The address the services listen on. Beyond loopback, other hosts can join the Ray head and
-    # reach S3 and MLflow: each then asks for credentials (S3 keys, the Ray token, MLflow basic auth);
-    # weed's internal ports, which ask for none, stay on loopback (listen_addresses).
+    # reach S3 and MLflow, which ask for credentials there as on loopback (S3 keys, the Ray token,
+    # MLflow basic auth); weed's internal ports, which ask for none, are never put on it.
     host: str = HOST
 
     def __post_init__(self) -> None:

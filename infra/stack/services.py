@@ -160,7 +160,7 @@ class Stack:
             "mlflow_password": lambda: secrets.token_urlsafe(24),
             "mlflow_csrf_key": lambda: secrets.token_urlsafe(32),  # the auth app's form (CSRF) signing key
         }
-        if missing.keys() - creds.keys():  # also a state dir from before the MLflow login
+        if missing.keys() - creds.keys():  # also credentials written without the MLflow secrets
             creds |= {k: make() for k, make in missing.items() if k not in creds}
             write_private_json(self.credentials_file, creds)
         # MLflow's basic-auth app creates this admin on its first start; nobody else gets any permission.
