@@ -110,15 +110,39 @@ def launch(
     """Run the TorchTrainer for ``train.run_name`` on the cluster of ``settings.cluster``; returns Ray
     Train's Result. ``callbacks``: Ray Train callbacks of the run (a sweep's report to Ray Tune);
     ``register_model``: a finished run adds a version to its registered model (a sweep's trials do not)."""
+    from pipeline.train.policy import fit
+
+    use_gpu = connect_and_choose_device(settings)
+    run_name = settings.train.run_name
+    lease.acquire(run_name)  # held since preflight when it ran
+    try:
+        trainer = _trainer(settings, mlflow_run_id, use_gpu, callbacks)
+        each = "one GPU" if use_gpu else f"{settings.cluster.threads_per_worker} CPU"
+        print(f"waiting for {settings.cluster.num_workers} Ray Train workers ({each} each) to start ...", flush=True)
+        trainer.waiting_for = f"{settings.cluster.num_workers} worker(s) of {each}"
+        result = fit(trainer, settings.tracking.uri, mlflow_run_id)
+    finally:
+        lease.release(run_name)
+    if register_model and mlflow_run_id and result.error is None:  # a failed or diverged run registers nothing
+        from pipeline.sample.model import register
+        from pipeline.tracking import TrackingError
+
+        try:
+            register(settings, mlflow_run_id)
+        except TrackingError as e:  # the run and its checkpoints are there; only the registry entry is missing
+            print(f"WARNING: {e}", flush=True)
+    return result
+
+
+def _trainer(settings: Settings, mlflow_run_id: str | None, use_gpu: bool, callbacks: list | None):
+    """Ray Train's TorchTrainer for the run, its worker config and the environment its controller reads."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from pipeline.train.policy import Trainer, fit
+    from pipeline.train.policy import Trainer
 
-    use_gpu = connect_and_choose_device(settings)
     fs, path = filesystem(settings.storage.checkpoint_url, settings.storage)
     run_name = settings.train.run_name
-    lease.acquire(run_name)  # held since preflight when it ran
     # Secrets travel inside the Ray cluster only, in the worker config (never printed).
     config = {"settings": settings.model_dump(mode="python"), "run_name": run_name, "mlflow_run_id": mlflow_run_id}
     # The workers follow the driver's decision: under Ray a CPU worker still sees the node's GPUs.
@@ -160,22 +184,7 @@ def launch(
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if settings.cluster.worker_start_timeout_s:  # Ray Train passes it from the driver to its controller
         os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(settings.cluster.worker_start_timeout_s)
-    each = "one GPU" if use_gpu else f"{settings.cluster.threads_per_worker} CPU"
-    print(f"waiting for {settings.cluster.num_workers} Ray Train workers ({each} each) to start ...", flush=True)
-    trainer.waiting_for = f"{settings.cluster.num_workers} worker(s) of {each}"
-    try:
-        result = fit(trainer, settings.tracking.uri, mlflow_run_id)
-    finally:
-        lease.release(run_name)
-    if register_model and mlflow_run_id and result.error is None:  # a failed or diverged run registers nothing
-        from pipeline.sample.model import register
-        from pipeline.tracking import TrackingError
-
-        try:
-            register(settings, mlflow_run_id)
-        except TrackingError as e:  # the run and its checkpoints are there; only the registry entry is missing
-            print(f"WARNING: {e}", flush=True)
-    return result
+    return trainer
 
 
 def run_page(settings: Settings, mlflow_run_id: str) -> str:

@@ -2,10 +2,11 @@
 checkpoint names and MLflow steps over each other; the second one (say, a ``--train.resume`` sent while
 the first still runs) is refused before it touches anything.
 
-The lease is a named actor in its own namespace, owned by the job's driver: Ray's GCS refuses a second
-live actor under one name, and an actor dies with the process that owns it, so a driver that crashes
-or is killed (``ray job stop``, SIGKILL, a lost head node) cannot leave a stale lease behind. It holds
-no CPU. Jobs on another Ray cluster that share the checkpoint storage are not covered.
+The lease is a named actor in its own namespace, owned by the job's driver and placed on the driver's
+node: Ray's GCS refuses a second live actor under one name, and an actor dies with the process that
+owns it, so a driver that crashes or is killed (``ray job stop``, SIGKILL, a lost head node) cannot
+leave a stale lease behind, and losing another node cannot take the lease from a live driver. It
+holds no CPU. Jobs on another Ray cluster that share the checkpoint storage are not covered.
 """
 
 from __future__ import annotations
@@ -33,24 +34,27 @@ class _Lease:
 
 
 def _this_job() -> str:
-    """``Ray job <submission id> (pid, host)`` when submitted (Ray's job supervisor passes the id to the
-    entrypoint in this variable's metadata), else ``a Ray driver (pid, host)``."""
-    where = f"pid {os.getpid()} on {socket.gethostname()}"
+    """``Ray job <id> (pid, host)``: the submission id when submitted (Ray's job supervisor passes it to
+    the entrypoint in this variable's metadata), else Ray's job id (a driver or a sweep's trial)."""
+    import ray
+
     try:
         job = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])["metadata"]["job_submission_id"]
     except (KeyError, TypeError, ValueError):
-        return f"a Ray driver ({where})"
-    return f"Ray job {job} ({where})"
+        job = ray.get_runtime_context().get_job_id()
+    return f"Ray job {job} (pid {os.getpid()} on {socket.gethostname()})"
 
 
 def acquire(run_name: str) -> None:
     """Hold ``run_name`` for this process (connected to Ray) until ``release`` or its exit; ``RunBusyError``
     naming the holder if another job holds it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if run_name in _HELD:
         return
-    actor = ray.remote(num_cpus=0, max_restarts=0)(_Lease)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(_Lease)
     try:
         _HELD[run_name] = actor.options(name=run_name, namespace=NAMESPACE).remote(_this_job())
     except ValueError:  # the name is taken

@@ -373,47 +373,57 @@ def test_concurrent_jobs_train_apart_and_a_second_job_on_a_run_in_training_is_re
     """Two jobs at once on two runs (one worker each, so both fit on the 2 CPUs) train as if alone: the
     same settings give the same losses, and each run holds its own checkpoints and MLflow history. A third
     job sent to resume the first while it trains is refused before it touches anything, naming the job
-    that holds the run (pipeline/train/lease.py); the first is not disturbed."""
+    that holds the run (pipeline/train/lease.py); the first trains on undisturbed. The first run is long
+    so that it is surely still training when the third job asks; it is stopped once past the second's end."""
     a, b = (f"fault-conc{i}-{uuid.uuid4().hex[:6]}" for i in (1, 2))
     total = 1920
 
-    def args(name: str) -> list[str]:
-        return ARGS + ["--train.run-name", name, "--train.total-images", str(total), "--cluster.num-workers", "1"]
+    def args(name: str, images: int) -> list[str]:
+        return ARGS + ["--train.run-name", name, "--train.total-images", str(images), "--cluster.num-workers", "1"]
 
     jobs = _jobs(stack.env)
-    ids = [jobs.submit_job(entrypoint=f"python {shlex.quote(str(TRAIN))} {shlex.join(args(n))}") for n in (a, b)]
-    try:
-        deadline = time.monotonic() + 300
-        while not _checkpoint_names(stack.env, a):
-            assert time.monotonic() < deadline and not jobs.get_job_status(ids[0]).is_terminal(), jobs.get_job_logs(
-                ids[0]
-            )[-3000:]
+    entry = {n: f"python {shlex.quote(str(TRAIN))} {shlex.join(args(n, i))}" for n, i in ((a, 64000), (b, total))}
+    ids = {n: jobs.submit_job(entrypoint=e) for n, e in entry.items()}
+    deadline = time.monotonic() + 600
+
+    def wait(until, what: str) -> None:
+        while not until():
+            assert time.monotonic() < deadline, f"{what}:\n{jobs.get_job_logs(ids[a])[-3000:]}"
+            assert not jobs.get_job_status(ids[a]).is_terminal(), jobs.get_job_logs(ids[a])[-3000:]
             time.sleep(1)
+
+    try:
+        wait(lambda: _checkpoint_names(stack.env, a), "no checkpoint of the first run")
         t0 = time.monotonic()
-        status, logs = submit(stack.env, args(a) + ["--train.resume"], timeout=180)
+        status, logs = submit(stack.env, args(a, 64000) + ["--train.resume"], timeout=180)
         refused_s = time.monotonic() - t0
         assert status == "FAILED", logs[-3000:]
-        assert f"error: run '{a}' is being trained by Ray job {ids[0]} (pid " in logs, logs[-3000:]
+        assert f"error: run '{a}' is being trained by Ray job {ids[a]} (pid " in logs, logs[-3000:]
         assert "waiting for" not in logs  # refused before any worker was asked for
-        for job_id in ids:
-            while not (status := jobs.get_job_status(job_id)).is_terminal():
-                assert time.monotonic() < deadline + 300, jobs.get_job_logs(job_id)[-3000:]
-                time.sleep(1)
-            assert str(status) == "SUCCEEDED", jobs.get_job_logs(job_id)[-4000:]
+        wait(lambda: jobs.get_job_status(ids[b]).is_terminal(), "the second run did not end")
+        assert str(jobs.get_job_status(ids[b])) == "SUCCEEDED", jobs.get_job_logs(ids[b])[-4000:]
+        wait(lambda: furthest_progress(jobs.get_job_logs(ids[a])) >= total + EVERY, "the first run stalled")
     finally:
-        for job_id in ids:
+        for job_id in ids.values():
             if not jobs.get_job_status(job_id).is_terminal():
                 jobs.stop_job(job_id)
-    losses = []
-    for name in (a, b):
+    while not jobs.get_job_status(ids[a]).is_terminal():
+        time.sleep(1)
+    losses = {}
+    for name, state in ((a, "KILLED"), (b, "FINISHED")):  # the first was stopped: KILLED, as a stop ends it
         client, run = mlflow_run(stack.env, name)  # one MLflow run per name
-        assert run.info.status == "FINISHED" and "ddpm.failure_reason" not in run.data.tags
+        until = time.monotonic() + 30
+        while run.info.status == "RUNNING" and time.monotonic() < until:
+            time.sleep(1)
+            run = client.get_run(run.info.run_id)
+        assert run.info.status == state, (name, run.info.status)
         _step_history(client, run.info.run_id, total)
-        losses.append(history(client, run.info.run_id, "train/loss"))
+        losses[name] = dict(history(client, run.info.run_id, "train/loss"))
         left = _checkpoint_names(stack.env, name)
         assert len(left) == 2 and images_of(left[-1]) >= total, left
-    assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]]
-    assert [v for _, v in losses[0]] == pytest.approx([v for _, v in losses[1]], rel=1e-6)
+    shared = sorted(set(losses[a]) & set(losses[b]))
+    assert len(shared) >= len(losses[b]) - 1 and shared[-1] >= total - BATCH, (shared, sorted(losses[b]))
+    assert [losses[a][s] for s in shared] == pytest.approx([losses[b][s] for s in shared], rel=1e-6)
     print(
         f"FIGURE concurrent jobs: two runs equal to each other; a resume of a run in training refused in {refused_s:.0f} s"
     )
@@ -455,7 +465,7 @@ def test_a_run_lease_dies_with_its_driver(stack, stack_env):
             assert r.returncode == 0, r.stderr[-3000:]
             return r.stdout.strip().splitlines()[-1]
 
-        assert f"is being trained by a Ray driver (pid {holder.pid} on " in (busy := try_acquire()), busy
+        assert "is being trained by Ray job " in (busy := try_acquire()) and f" (pid {holder.pid} on " in busy, busy
         holder.kill()
         holder.wait(timeout=30)
         t0 = time.monotonic()
