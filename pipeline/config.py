@@ -328,6 +328,16 @@ ENV_FILE_VAR = "DDPM_ENV_FILE"
 MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
+def export_mlflow_login(tracking_uri: str | None) -> None:
+    """MLflow's client reads its login from the process environment only: export the $DDPM_ENV_FILE's
+    login, as a pair, when its MLflow server is the one used and no login is exported already."""
+    from_file = env_file()
+    if not tracking_uri or tracking_uri != from_file.get("MLFLOW_TRACKING_URI"):
+        return
+    if not any(os.environ.get(v) for v in MLFLOW_LOGIN) and all(from_file.get(v) for v in MLFLOW_LOGIN):
+        os.environ.update({v: from_file[v] for v in MLFLOW_LOGIN})
+
+
 def env_file() -> dict[str, str]:
     """The variables in the JSON object file that $DDPM_ENV_FILE names; {} when it is unset. They
     count as if exported, below the real environment: services' settings without a shell ``export``."""
@@ -359,12 +369,7 @@ class ServiceEnvSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        from_file = env_file()
-        # The MLflow client reads its login from the process environment only: one from the file is exported.
-        for var in MLFLOW_LOGIN:
-            if from_file.get(var) and not os.environ.get(var):
-                os.environ[var] = from_file[var]
-        values = from_file | {k: v for k, v in os.environ.items() if k in self.MAPPING}
+        values = env_file() | {k: v for k, v in os.environ.items() if k in self.MAPPING}
         out: dict[str, dict[str, str]] = {}
         for var, (section, name) in self.MAPPING.items():
             if values.get(var) and section in self.settings_cls.model_fields:
@@ -399,11 +404,14 @@ class JobSettings(BaseSettings):
         """Parse flags + environment. Invalid values raise ``ConfigError`` naming every bad field."""
         argv = sys.argv[1:] if argv is None else argv
         try:
-            return cls(_cli_parse_args=argv, _cli_prog_name=prog or Path(sys.argv[0]).name)
+            settings = cls(_cli_parse_args=argv, _cli_prog_name=prog or Path(sys.argv[0]).name)
         except ValidationError as e:
             raise ConfigError(format_validation_error(e)) from None
         except SettingsError as e:
             raise ConfigError(f"configuration error: {e}") from None
+        if (tracking := getattr(settings, "tracking", None)) is not None:
+            export_mlflow_login(tracking.uri)
+        return settings
 
     def to_public_dict(self) -> dict[str, Any]:
         """The resolved config as JSON-able data, secrets masked (SecretStr dumps as '**********')."""

@@ -13,6 +13,9 @@ def _isolated(monkeypatch, tmp_path):
     for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("DDPM_ENV_FILE", raising=False)
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # restored after the test, also if set by it
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
 
 
 def test_defaults_resolve_to_the_digits_model():
@@ -58,20 +61,22 @@ def test_service_variables_and_env_file(monkeypatch, tmp_path):
 
 
 def test_mlflow_login_from_the_env_file_reaches_the_mlflow_client(monkeypatch, tmp_path):
-    """MLflow's client reads its login from os.environ only: a login in the env file is exported there,
-    and one already exported wins."""
+    """MLflow's client reads its login from os.environ only: the env file's login is exported there, as a
+    pair, when the file's server is the one used; never towards another server, never over a login
+    already exported."""
+    from mlflow.environment_variables import MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_USERNAME
+
     login = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "from-file"}
     (tmp_path / "env.json").write_text(json.dumps({"MLFLOW_TRACKING_URI": "http://127.0.0.1:2", **login}))
     monkeypatch.setenv("DDPM_ENV_FILE", str(tmp_path / "env.json"))
-    for var in login:
-        monkeypatch.delenv(var, raising=False)
+    Settings.from_cli(["--tracking.uri", "http://other.example:5000"])
+    assert (MLFLOW_TRACKING_USERNAME.get(), MLFLOW_TRACKING_PASSWORD.get()) == (None, None)
     Settings.from_cli([])
-    from mlflow.environment_variables import MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_USERNAME
-
     assert (MLFLOW_TRACKING_USERNAME.get(), MLFLOW_TRACKING_PASSWORD.get()) == ("admin", "from-file")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "exported")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "someone")  # half a login exported: not completed
     Settings.from_cli([])
-    assert MLFLOW_TRACKING_PASSWORD.get() == "exported"
+    assert (MLFLOW_TRACKING_USERNAME.get(), MLFLOW_TRACKING_PASSWORD.get()) == ("someone", None)
 
 
 @pytest.mark.parametrize(
