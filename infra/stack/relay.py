@@ -37,6 +37,7 @@ from dataclasses import dataclass
 PIPE_CHUNK = 1 << 20
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+PR_SET_PDEATHSIG = 1
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -98,6 +99,11 @@ def enter_private_network() -> None:
         request = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, request)[:18])[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def private_network_available() -> bool:
@@ -170,10 +176,21 @@ def serve(routes: list[Route], command: list[str], private_network: bool = False
         # The listeners are made here, before the move, so they stay reachable from outside.
         servers = {r: r.bind() for r in routes}
         enter_private_network()
-    child = subprocess.Popen(command)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    started: list[subprocess.Popen] = []
+
+    def pass_on(sig: int, _frame) -> None:
         # `down` signals the whole session; when only this process is signalled the child hears it too.
-        signal.signal(sig, lambda s, _frame: child.poll() is None and child.send_signal(s))
+        if started and started[0].poll() is None:
+            started[0].send_signal(sig)
+        elif not started:
+            raise SystemExit(128 + sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, pass_on)
+    # If this process is killed outright, the child is stopped too: else weed would run on, unreachable in
+    # its private network and holding the data directory.
+    child = subprocess.Popen(command, preexec_fn=_stop_with_parent)
+    started.append(child)
     # Serve once the first target is up. Sharing weed's network, listen only then: weed refuses, at
     # its start, a port that any address holds.
     if _wait_for(routes[0].target, child):

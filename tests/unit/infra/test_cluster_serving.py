@@ -4,6 +4,7 @@ and what training workers on another host get and check (pipeline/train/hosts.py
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -56,7 +57,9 @@ def test_mlflow_asks_for_a_login_on_loopback_and_beyond(tmp_path):
 def test_weed_runs_in_a_private_network_and_only_its_s3_port_is_relayed(tmp_path):
     local = Stack(StackConfig.resolve(state_dir=tmp_path / "a", environ={}))
     local._prepare()
-    assert local.private_network  # this machine (and CI) allows one; tests/unit/infra/test_relay.py uses it
+    if not local.private_network:
+        why = "this machine allows no private network namespace (the stack then falls back: docs/stack.md)"
+        pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
     argv, port, master = local._command("s3")[0], local.config.s3_port, local.config.weed_ports()["master"]
     at = argv.index("infra.stack.relay")
     assert argv[at + 1 : at + 5] == [
