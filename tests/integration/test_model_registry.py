@@ -175,18 +175,14 @@ def test_bad_model_uris_and_sizes_fail_clearly(registry, capsys):
     assert "promote" in capsys.readouterr().err
 
 
-def test_registered_model_page_in_headless_chromium(registry, tmp_path):
-    """What a user sees: the registered model's page lists its versions."""
-    import shutil
+def test_registered_model_page_in_headless_chromium(registry, env, tmp_path):
+    """What a logged-in user sees: the registered model's page lists its versions."""
+    from tests.integration.ui import chromium_flags, logged_in
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is needed (bash infra/setup.sh --test installs it)"
-    flags = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000",
-    ]  # fmt: skip
-    page = f"{registry.uri.rstrip('/')}/#/models/{registry.name}"
-    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    with logged_in(env) as ui:
+        page = f"{ui}/#/models/{registry.name}"
+        dom = subprocess.run(
+            [*chromium_flags(tmp_path / "profile"), "--dump-dom", page], capture_output=True, text=True, timeout=120
+        ).stdout
     assert registry.name in dom, "the registered model page did not render"
     assert "Version 1" in dom and "Version 2" in dom, "the page does not list the versions"

@@ -27,6 +27,7 @@ import torch
 from jobs import prepare_data
 from jobs import sample as sample_job
 from pipeline.sample import evaluate, local_run
+from tests.integration.ui import logged_in
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,10 +110,10 @@ def test_fanout_is_seed_addressed_and_lands_in_the_run(trained, tmp_path):
     assert len({img.tobytes() for img in a["images"]}) == 20  # and different seeds differ
     np.testing.assert_array_equal(a["images"][[3, 11]], _expected(trained, [3, 11]))
 
-    # The grid, served by the tracking server.
+    # The grid, served by the tracking server to a logged-in client.
     q = urllib.parse.urlencode({"path": one["artifacts"]["grid.png"], "run_uuid": trained.run_id})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"{trained.uri}/get-artifact?{q}", timeout=30) as r:
+    with logged_in(os.environ) as ui, opener.open(f"{ui}/get-artifact?{q}", timeout=30) as r:
         assert r.status == 200
         png = r.read()
     from PIL import Image

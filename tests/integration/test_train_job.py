@@ -329,47 +329,38 @@ def test_bad_config_exits_before_any_cluster_work(tmp_path):
 
 
 def test_mlflow_ui_shows_the_run_in_headless_chromium(stack, uninterrupted, tmp_path):
-    """What a user sees: the run page lists the loss metric; the sample grid is served as an image."""
-    import shutil
+    """What a logged-in user sees: the run page lists the loss metric; the sample grid is served as an image."""
     import urllib.request
 
     from PIL import Image
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is needed (bash infra/setup.sh --test installs it)"
+    from tests.integration.ui import chromium_flags, logged_in
+
     name, _ = uninterrupted
     client, run = mlflow_run(stack.env, name)
-    uri = stack.env["MLFLOW_TRACKING_URI"].rstrip("/")
-    flags = [
-        chromium,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=20000",
-    ]
-    page = f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-    assert name in dom, "the run page did not render the run"
-    assert "train/loss" in dom, "the run page does not list the loss metric"
+    flags = chromium_flags(tmp_path / "profile")
+    with logged_in(stack.env) as uri:
+        page = f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+        assert name in dom, "the run page did not render the run"
+        assert "train/loss" in dom, "the run page does not list the loss metric"
 
-    grid = next(a for a in artifacts(client, run.info.run_id) if a.startswith("samples/grid_"))
-    url = f"{uri}/get-artifact?path={grid}&run_uuid={run.info.run_id}"
-    with urllib.request.urlopen(url, timeout=30) as r:
-        assert r.headers["Content-Type"].startswith("image/png")
-        Image.open(io.BytesIO(r.read())).verify()
-    # The artifact is sent as an attachment, so the browser shows it the way the MLflow UI does: in an <img>.
-    page_html = tmp_path / "grid.html"
-    page_html.write_text(f'<body style="margin:0;background:#808080"><img src="{url}" width="300" height="300"></body>')
-    shot = tmp_path / "grid.png"
-    subprocess.run(
-        [*flags, f"--screenshot={shot}", "--window-size=300,300", page_html.as_uri()], capture_output=True, timeout=120
-    )
+        grid = next(a for a in artifacts(client, run.info.run_id) if a.startswith("samples/grid_"))
+        url = f"{uri}/get-artifact?path={grid}&run_uuid={run.info.run_id}"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.headers["Content-Type"].startswith("image/png")
+            Image.open(io.BytesIO(r.read())).verify()
+        # The artifact is sent as an attachment, so the browser shows it the way the MLflow UI does: in an <img>.
+        page_html = tmp_path / "grid.html"
+        page_html.write_text(
+            f'<body style="margin:0;background:#808080"><img src="{url}" width="300" height="300"></body>'
+        )
+        shot = tmp_path / "grid.png"
+        subprocess.run(
+            [*flags, f"--screenshot={shot}", "--window-size=300,300", page_html.as_uri()],
+            capture_output=True,
+            timeout=120,
+        )
     img = Image.open(shot).convert("L")
     assert img.getextrema() == (0, 255) or img.getextrema()[1] - img.getextrema()[0] > 150, (
         "the browser did not render the grid image (a blank grey page)"
