@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.scratch import scratch_dir
+
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "ddpm.run_name"
@@ -108,7 +110,7 @@ class Tracker:
         self._flush_every = flush_every_s
         self._stop = threading.Event()
         self._warned = False
-        self._tmp = Path(tempfile.mkdtemp(prefix="ddpm-tracker-"))
+        self._tmp = scratch_dir("tracker")
         self.time_spent = 0.0  # seconds the training thread spent in this class (for the overhead figure)
         self.client = _client(uri)
         try:  # the last step the run already holds (after a restart)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pipeline.checkpoint import (
     to_cpu,
     write_checkpoint,
 )
+from pipeline.scratch import scratch_dir
 from pipeline.train import dist
 from pipeline.train.failures import NotRetryable
 from pipeline.train.state import TrainState
@@ -73,7 +73,7 @@ class Checkpointer:
             return
         # On the CPU once, for both files.
         full = to_cpu(state.state_dict() | {"reader": self.reader.state_dict(), "rng_per_rank": all_rng})
-        tmp = Path(tempfile.mkdtemp(prefix="ddpm-ckpt-"))
+        tmp = scratch_dir("ckpt")
         try:
             write_checkpoint(full, tmp / name, meta={"images_seen": state.images_seen, "step": state.step_count})
             if self.tracker:

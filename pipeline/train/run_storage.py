@@ -12,12 +12,12 @@ rest, best-effort (a failure is logged and the next retention tries again).
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoint import META_FILE, parse_name
 from pipeline.data.storage import filesystem, ride_out
+from pipeline.scratch import scratch_dir
 
 
 class RunStorage:
@@ -25,7 +25,7 @@ class RunStorage:
         self.storage = settings.storage
         self.fs, root = filesystem(settings.storage.checkpoint_url, settings.storage)
         self.path = f"{root}/{run_name}"
-        self.cache = Path(cache_root) / f"ddpm-restore-{uuid.uuid4().hex[:8]}"
+        self.cache_root, self._cache = Path(cache_root), None
         self.unusable: set[str] = set()  # names restore() skipped: never counted as kept
 
     def candidates(self) -> list[str]:
@@ -38,6 +38,13 @@ class RunStorage:
         infos = ride_out(f"listing the checkpoints under {self.path}", listing, self.storage)
         dirs = [i.path for i in infos if i.type == pafs.FileType.Directory and parse_name(i.base_name)]
         return sorted(dirs, key=lambda p: parse_name(Path(p).name), reverse=True)
+
+    @property
+    def cache(self) -> Path:
+        """This process's directory of fetched checkpoints, made at the first fetch (pipeline/scratch.py)."""
+        if self._cache is None:
+            self._cache = scratch_dir("restore", self.cache_root)
+        return self._cache
 
     def fetch(self, path: str) -> Path:
         """A local copy of a checkpoint directory (downloaded whole or not at all)."""
@@ -91,4 +98,5 @@ class RunStorage:
 
     def close(self) -> None:
         """Remove the local copies of fetched checkpoints."""
-        shutil.rmtree(self.cache, ignore_errors=True)
+        if self._cache is not None:
+            shutil.rmtree(self._cache, ignore_errors=True)
