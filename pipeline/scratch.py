@@ -35,7 +35,7 @@ def sweep(kind: str, root: str | Path) -> list[Path]:
     gone = []
     for d in Path(root).glob(f"ddpm-{kind}-{_pid_namespace()}.*-*"):
         pid = d.name.split("-")[2].partition(".")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if pid.isdigit() and not _running(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d)
     return gone

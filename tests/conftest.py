@@ -70,15 +70,13 @@ def stack() -> Iterator[RunningStack]:
     with _test_leases(config.state_dir) as leases:
         result = handle.up(timeout=240)
         (leases / str(os.getpid())).touch()
-    # MLflow's client reads its login from os.environ only; the session's clients talk to this stack.
-    login = {k: v for k, v in result.env.items() if k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    before = {k: os.environ.get(k) for k in login}
-    os.environ.update(login)
     try:
-        yield RunningStack(config=config, env=result.env, stack=handle, started=result.started)
+        # MLflow's client reads its login from os.environ only; the session's clients talk to this stack.
+        with pytest.MonkeyPatch.context() as mp:
+            for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                mp.setenv(k, result.env[k])
+            yield RunningStack(config=config, env=result.env, stack=handle, started=result.started)
     finally:
-        for k, v in before.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         with _test_leases(config.state_dir) as leases:
             (leases / str(os.getpid())).unlink(missing_ok=True)
             to_stop = leases / "stop-when-unused.json"  # services started by sessions that have ended
@@ -141,6 +139,19 @@ def s3(request, stack: RunningStack) -> Iterator[SimpleNamespace]:
 # One cluster per test module; stopped (by PID and namespace name) when the module ends, also after
 # a failure. Without root: skipped with the reason, failed under CI=true.
 # ==================================================================================================
+
+
+@pytest.fixture(scope="session")
+def private_network() -> None:
+    """For tests of SeaweedFS's private network namespace (infra/stack/relay.py): where this machine allows
+    none (the stack then falls back), skipped with the reason, failed under CI=true."""
+    from infra.stack.relay import private_network_available
+
+    if not private_network_available():
+        why = "this machine allows no private network namespace (the stack then falls back: docs/stack.md)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")

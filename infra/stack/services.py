@@ -155,13 +155,13 @@ class Stack:
             key = "DDPM" + "".join(secrets.choice(alphabet) for _ in range(16))
             write_private_json(self.credentials_file, {"access_key": key, "secret_key": secrets.token_urlsafe(30)})
         creds = self._credentials()
-        missing = {
-            "mlflow_username": lambda: "admin",
-            "mlflow_password": lambda: secrets.token_urlsafe(24),
-            "mlflow_csrf_key": lambda: secrets.token_urlsafe(32),  # the auth app's form (CSRF) signing key
+        mlflow = {
+            "mlflow_username": "admin",
+            "mlflow_password": secrets.token_urlsafe(24),
+            "mlflow_csrf_key": secrets.token_urlsafe(32),  # the auth app's form (CSRF) signing key
         }
-        if missing.keys() - creds.keys():  # also credentials written without the MLflow secrets
-            creds |= {k: make() for k, make in missing.items() if k not in creds}
+        if mlflow.keys() - creds.keys():  # also credentials written without the MLflow secrets: kept as they are
+            creds = mlflow | creds
             write_private_json(self.credentials_file, creds)
         # MLflow's basic-auth app creates this admin on its first start; nobody else gets any permission.
         # Without its credential cache every request pays a PBKDF2 check (0.8 s of CPU per request

@@ -69,7 +69,10 @@ def cluster(two_hosts):
     yield two_hosts
     print("\nmulti-host figures:", json.dumps(FIGURES, indent=1))
     for k, v in login.items():  # mlflow_client() switched the process's login to this cluster's
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ and what training workers on another host get and check (pipeline/train/hosts.py
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -54,12 +53,10 @@ def test_mlflow_asks_for_a_login_on_loopback_and_beyond(tmp_path):
     assert ray_env["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_TRACKING_PASSWORD"]  # for job drivers on the head
 
 
-def test_weed_runs_in_a_private_network_and_only_its_s3_port_is_relayed(tmp_path):
+def test_weed_runs_in_a_private_network_and_only_its_s3_port_is_relayed(private_network, tmp_path):
     local = Stack(StackConfig.resolve(state_dir=tmp_path / "a", environ={}))
     local._prepare()
-    if not local.private_network:
-        why = "this machine allows no private network namespace (the stack then falls back: docs/stack.md)"
-        pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
+    assert local.private_network
     argv, port, master = local._command("s3")[0], local.config.s3_port, local.config.weed_ports()["master"]
     at = argv.index("infra.stack.relay")
     assert argv[at + 1 : at + 5] == [

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[3]
 
 # Answers each connection, once the client has half-closed it, with the bytes reversed.
@@ -91,13 +89,10 @@ def _unix(path: Path) -> socket.socket:
     return s
 
 
-def test_private_network_hides_the_childs_ports_but_the_routes(tmp_path):
+def test_private_network_hides_the_childs_ports_but_the_routes(private_network, tmp_path):
     """The child listens on 127.0.0.1:PORT inside a network of its own: from here that port is the relay's,
     and a Unix socket that only the owner may open leads to the same child; the child's second port is
     not reachable at all."""
-    if subprocess.run([sys.executable, "-m", "infra.stack.relay", "--probe"], cwd=REPO).returncode != 0:
-        why = "this machine allows no private network namespace (the stack then falls back: docs/stack.md)"
-        pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
     port, hidden, sock = _free_port(), _free_port(), tmp_path / "child.sock"
     both = ECHO.replace("server = ", "hidden = socket.create_server(('127.0.0.1', int(sys.argv[2])))\nserver = ")
     child = [sys.executable, "-c", both, str(port), str(hidden)]
