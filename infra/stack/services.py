@@ -1,5 +1,6 @@
-"""The three services (SeaweedFS S3, MLflow, a Ray head): their commands, health checks, and `Stack`,
-which starts, reuses, reports and stops them and writes the env file clients read."""
+"""The three services (SeaweedFS S3, MLflow, a Ray head), one class each: its command, ports, health
+check and stop grace; and `Stack`, which starts, reuses, reports and stops them and writes the env file
+clients read."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -39,8 +41,6 @@ from infra.stack.config import (
     write_private_json,
 )
 
-# Seconds between SIGTERM and SIGKILL (gcs_server can ignore SIGTERM; weed flushes its volumes).
-STOP_GRACE = {"s3": 15.0, "mlflow": 10.0, "ray": 4.0}
 # What the caller's environment must not pass on to a service: each gets the stack's own values.
 CLIENT_VARS = ("AWS_", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "RAY_ADDRESS", "RAY_AUTH_")
 
@@ -111,6 +111,217 @@ def select(names: Iterable[str]) -> list[str]:
     return [s for s in SERVICES if s in names]
 
 
+class Service(ABC):
+    """One service of the stack. `Stack` launches its command, waits until it is ready and stops it."""
+
+    name: str  # as in SERVICES, the state dir's records and logs/<name>.log
+    stop_grace: float  # seconds between SIGTERM and SIGKILL
+    detaches = False  # its launcher exits 0 once the service runs: that exit is no failure
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+
+    @property
+    def url(self) -> str:
+        return self.stack.config.urls[self.name]
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """What listens on which port (StackConfig.listen_addresses says on which addresses)."""
+        return self.stack.config.service_ports()[self.name]
+
+    @abstractmethod
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """argv and extra environment."""
+
+    @abstractmethod
+    def healthy(self) -> bool: ...
+
+    def ready(self) -> bool:
+        """Healthy, and whatever else clients need first."""
+        return self.healthy()
+
+    @abstractmethod
+    def waiting_for(self) -> str:
+        """What starting it waits for, with the times measured on a 2-core machine."""
+
+    def note(self) -> str | None:
+        """A caveat to tell whoever starts it."""
+        return None
+
+    def _s3_env(self) -> dict[str, str]:
+        return {k: v for k, v in self.stack.env().items() if k.startswith("AWS_")}
+
+
+class S3(Service):
+    """SeaweedFS (`weed mini`): ready once its master knows the volumes on disk and the buckets exist."""
+
+    name = "s3"
+    stop_grace = 15.0  # weed flushes its volumes
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        stack, c = self.stack, self.stack.config
+        # weed binds every port to one address and only its S3 API asks for credentials: weed runs in a
+        # network of its own and a relay puts its S3 port alone on the stack's addresses (relay.py).
+        weed = [
+            str(weed_binary()), "mini", f"-dir={stack.weed_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-s3.port={c.s3_port}", f"-s3.config={stack.s3_config_file}", "-s3.iam=false",
+            "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]  # fmt: skip
+        # `weed mini` saves its flags in s3/mini.options and reloads them: pass every port explicitly.
+        weed += [
+            f"-{part.replace('.grpc', '.port.grpc') if '.grpc' in part else part + '.port'}={port}"
+            for part, port in c.weed_ports().items()
+        ]
+        s3, master = f"{HOST}:{c.s3_port}", f"{HOST}:{c.weed_ports()['master']}"
+        routes = [] if c.loopback else [f"{c.host}:{c.s3_port}={s3}"]
+        if stack.private_network:
+            if len(str(stack.weed_master_socket)) > 100:
+                raise StackError(f"the state directory's path is too long for a socket: {c.state_dir}")
+            routes = [f"{s3}={s3}", *routes, f"{stack.weed_master_socket}={master}"]
+        if routes:
+            private = ["--private-network"] if stack.private_network else []
+            weed = [sys.executable, "-m", "infra.stack.relay", *private, *routes, "--", *weed]
+        return weed, self._s3_env()
+
+    def healthy(self) -> bool:
+        return _get(f"{self.url}/healthz") is not None
+
+    def ready(self) -> bool:
+        return self.healthy() and self._volumes_known() and self._ensure_buckets()
+
+    def waiting_for(self) -> str:
+        return "S3 (SeaweedFS, a few seconds)"
+
+    def note(self) -> str | None:
+        if self.stack.private_network:
+            return None
+        return (
+            "note: this machine allows no private network namespace for this user, so SeaweedFS's "
+            "master, volume and filer ports on 127.0.0.1 answer any local user (docs/stack.md)"
+        )
+
+    def _volumes_known(self) -> bool:
+        """Whether weed's master knows every volume on disk: until then reads of old objects fail."""
+        stack = self.stack
+        ids = {p.stem.rpartition("_")[2] for p in stack.weed_dir.glob("*.dat")}
+        if not ids:
+            return True
+        if stack.weed_master_socket.exists():
+            body = _get_unix(stack.weed_master_socket, "/vol/status")
+        else:
+            body = _get(f"http://{HOST}:{stack.config.weed_ports()['master']}/vol/status")
+        try:
+            topology = json.loads(body)["Volumes"]["DataCenters"]
+        except (TypeError, ValueError, KeyError):
+            return False
+        known = {
+            str(v["Id"]) for dc in topology.values() for rack in dc.values() for node in rack.values() for v in node
+        }
+        return ids <= known
+
+    def _ensure_buckets(self) -> bool:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        creds = self.stack._credentials()
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=REGION,
+            aws_access_key_id=creds["access_key"],
+            aws_secret_access_key=creds["secret_key"],
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        )
+        try:
+            existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+            for bucket in BUCKETS:
+                if bucket not in existing:
+                    s3.create_bucket(Bucket=bucket)
+        except (BotoCoreError, ClientError):
+            return False
+        return True
+
+
+class MLflow(Service):
+    """The tracking server, behind a login; it serves the artifacts, which it keeps on S3."""
+
+    name = "mlflow"
+    stop_grace = 10.0
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        stack, c, host = self.stack, self.stack.config, self.stack.config.host
+        _require_module("mlflow", "mlflow")
+        hosts = list(dict.fromkeys(f"{h}:{c.mlflow_port}" for h in (host, HOST, "localhost")))
+        auth = ["--app-name", "basic-auth"]  # a login even on loopback: other local users reach that too
+        return [
+            sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(c.mlflow_port), *auth,
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{stack.mlflow_db}",
+            "--serve-artifacts", "--artifacts-destination", MLFLOW_ARTIFACTS,
+            "--allowed-hosts", ",".join(hosts), "--cors-allowed-origins", ",".join(f"http://{h}" for h in hosts),
+        ], {
+            **self._s3_env(),
+            "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{c.s3_port}",  # weed itself, not through the relay
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner: ~0.5 GB instead of ~1.4
+            "MLFLOW_AUTH_CONFIG_PATH": str(stack.mlflow_auth_file),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": stack._credentials()["mlflow_csrf_key"],
+        }  # fmt: skip
+
+    def healthy(self) -> bool:
+        return _get(f"{self.url}/health") is not None
+
+    def waiting_for(self) -> str:
+        if self.stack.mlflow_db.exists():
+            return "MLflow (~12 s)"
+        return "MLflow (first start creates its database, ~35 s)"
+
+
+class RayHead(Service):
+    """`ray start --head`, which starts Ray's daemons and exits."""
+
+    name = "ray"
+    stop_grace = 4.0  # gcs_server can ignore SIGTERM
+    detaches = True  # `ray start` exits 0 once its daemons run
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        stack, c, host = self.stack, self.stack.config, self.stack.config.host
+        client = stack.env()
+        _require_module("ray.dashboard", "ray[default]")
+        return [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--node-ip-address={host}",
+            f"--port={c.ray_port}", f"--num-cpus={c.num_cpus}", "--include-dashboard=true",
+            f"--dashboard-host={host}", f"--dashboard-port={c.ray_dashboard_port}",
+            f"--dashboard-agent-listen-port={c.ray_agent_port}", f"--ray-client-server-port={c.ray_client_port}",
+            "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={c.ray_temp_dir}",
+            "--disable-usage-stats", "--log-style=record", "--log-color=false",
+        ], {
+            # Job drivers and workers inherit the head's environment: the standard variables reach the
+            # stack's S3 and MLflow without secrets in a runtime_env or a file in the job's working dir.
+            **self._s3_env(),
+            "MLFLOW_TRACKING_URI": client["MLFLOW_TRACKING_URI"],
+            **stack._mlflow_login(stack._credentials()),
+            "DDPM_STACK_DIR": client["DDPM_STACK_DIR"],
+            "RAY_AUTH_MODE": client["RAY_AUTH_MODE"],
+            "RAY_AUTH_TOKEN_PATH": str(stack.ray_token_file),
+            # On loopback: else some Ray ports listen on all addresses. Beyond it other nodes must join.
+            **({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if c.loopback else {}),
+            # Ray-internal actors (e.g. Ray Train's PlacementGroupCleaner) look the cluster up by address;
+            # with several Ray instances on one machine (a test stack beside the user's) "auto" fails.
+            "RAY_ADDRESS": f"{host}:{c.ray_port}",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # prints once, not twice
+            "AUTOSCALER_METRIC_PORT": str(c.ray_metric_ports[0]),
+            "DASHBOARD_METRIC_PORT": str(c.ray_metric_ports[1]),
+        }  # fmt: skip
+
+    def healthy(self) -> bool:
+        return _get(f"{self.url}/api/jobs/", {"Authorization": f"Bearer {self.stack._ray_token()}"}) is not None
+
+    def waiting_for(self) -> str:
+        return "the Ray head (10-20 s)"
+
+
 @dataclass(frozen=True)
 class UpResult:
     started: tuple[str, ...]
@@ -129,6 +340,7 @@ class Stack:
         self.weed_dir, self.mlflow_db = d / "s3", d / "mlflow" / "mlflow.db"
         self.mlflow_auth_file = d / "mlflow" / "basic-auth.ini"
         self.weed_master_socket = d / "weed-master.sock"
+        self.services: dict[str, Service] = {s.name: s for s in (S3(self), MLflow(self), RayHead(self))}
 
     @classmethod
     def from_state_dir(cls, state_dir: str | Path | None = None) -> Stack:
@@ -194,10 +406,6 @@ class Stack:
 
         return private_network_available()
 
-    def _mlflow_server_auth(self) -> dict[str, str]:
-        key = self._credentials()["mlflow_csrf_key"]
-        return {"MLFLOW_AUTH_CONFIG_PATH": str(self.mlflow_auth_file), "MLFLOW_FLASK_SERVER_SECRET_KEY": key}
-
     def _ray_token(self) -> str:
         return read_private(self.ray_token_file).strip()
 
@@ -226,75 +434,10 @@ class Stack:
 
     def _command(self, name: str) -> tuple[list[str], dict[str, str]]:
         """argv and extra environment of one service."""
-        c, client, host = self.config, self.env(), self.config.host
-        s3_env = {k: v for k, v in client.items() if k.startswith("AWS_")}
-        if name == "s3":
-            # weed binds every port to one address and only its S3 API asks for credentials: weed runs in a
-            # network of its own and a relay puts its S3 port alone on the stack's addresses (relay.py).
-            weed = [
-                str(weed_binary()), "mini", f"-dir={self.weed_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-                f"-s3.port={c.s3_port}", f"-s3.config={self.s3_config_file}", "-s3.iam=false",
-                "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            ]  # fmt: skip
-            # `weed mini` saves its flags in s3/mini.options and reloads them: pass every port explicitly.
-            weed += [
-                f"-{part.replace('.grpc', '.port.grpc') if '.grpc' in part else part + '.port'}={port}"
-                for part, port in c.weed_ports().items()
-            ]
-            s3, master = f"{HOST}:{c.s3_port}", f"{HOST}:{c.weed_ports()['master']}"
-            routes = [] if c.loopback else [f"{host}:{c.s3_port}={s3}"]
-            if self.private_network:
-                if len(str(self.weed_master_socket)) > 100:
-                    raise StackError(f"the state directory's path is too long for a socket: {self.config.state_dir}")
-                routes = [f"{s3}={s3}", *routes, f"{self.weed_master_socket}={master}"]
-            if routes:
-                private = ["--private-network"] if self.private_network else []
-                weed = [sys.executable, "-m", "infra.stack.relay", *private, *routes, "--", *weed]
-            return weed, s3_env
-        if name == "mlflow":
-            _require_module("mlflow", "mlflow")
-            hosts = list(
-                dict.fromkeys([f"{host}:{c.mlflow_port}", f"{HOST}:{c.mlflow_port}", f"localhost:{c.mlflow_port}"])
-            )
-            auth = ["--app-name", "basic-auth"]  # a login even on loopback: other local users reach that too
-            return [
-                sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(c.mlflow_port), *auth,
-                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.mlflow_db}",
-                "--serve-artifacts", "--artifacts-destination", MLFLOW_ARTIFACTS,
-                "--allowed-hosts", ",".join(hosts), "--cors-allowed-origins", ",".join(f"http://{h}" for h in hosts),
-            ], {
-                **s3_env,
-                "MLFLOW_S3_ENDPOINT_URL": f"http://{HOST}:{c.s3_port}",  # weed itself, not through the relay
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner: ~0.5 GB instead of ~1.4
-                **self._mlflow_server_auth(),
-            }  # fmt: skip
-        _require_module("ray.dashboard", "ray[default]")
-        return [
-            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--node-ip-address={host}",
-            f"--port={c.ray_port}", f"--num-cpus={c.num_cpus}", "--include-dashboard=true",
-            f"--dashboard-host={host}", f"--dashboard-port={c.ray_dashboard_port}",
-            f"--dashboard-agent-listen-port={c.ray_agent_port}", f"--ray-client-server-port={c.ray_client_port}",
-            "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={c.ray_temp_dir}",
-            "--disable-usage-stats", "--log-style=record", "--log-color=false",
-        ], {
-            # Job drivers and workers inherit the head's environment: the standard variables reach the
-            # stack's S3 and MLflow without secrets in a runtime_env or a file in the job's working dir.
-            **s3_env,
-            "MLFLOW_TRACKING_URI": client["MLFLOW_TRACKING_URI"],
-            **self._mlflow_login(self._credentials()),
-            "DDPM_STACK_DIR": client["DDPM_STACK_DIR"],
-            "RAY_AUTH_MODE": client["RAY_AUTH_MODE"],
-            "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
-            # On loopback: else some Ray ports listen on all addresses. Beyond it other nodes must join.
-            **({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if c.loopback else {}),
-            # Ray-internal actors (e.g. Ray Train's PlacementGroupCleaner) look the cluster up by address;
-            # with several Ray instances on one machine (a test stack beside the user's) "auto" fails.
-            "RAY_ADDRESS": f"{host}:{c.ray_port}",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # prints once, not twice
-            "AUTOSCALER_METRIC_PORT": str(c.ray_metric_ports[0]),
-            "DASHBOARD_METRIC_PORT": str(c.ray_metric_ports[1]),
-        }  # fmt: skip
+        return self.services[name].command()
+
+    def _healthy(self, name: str) -> bool:
+        return self.services[name].healthy()
 
     def _service_env(self, extra: Mapping[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(CLIENT_VARS)}
@@ -320,14 +463,6 @@ class Stack:
         table = processes.process_table() if table is None else table
         return {name: sorted(processes.session_tree(rec, table)) for name, rec in self._records().items()}
 
-    def _healthy(self, name: str) -> bool:
-        urls = self.config.urls
-        if name == "s3":
-            return _get(f"{urls['s3']}/healthz") is not None
-        if name == "mlflow":
-            return _get(f"{urls['mlflow']}/health") is not None
-        return _get(f"{urls['ray']}/api/jobs/", {"Authorization": f"Bearer {self._ray_token()}"}) is not None
-
     # ---- up
 
     def up(
@@ -351,30 +486,28 @@ class Stack:
                 )
             write_private_json(self.config_file, self.config.to_json())
             to_start = [n for n in wanted if n not in records]
-            for name in to_start:
-                for what, port in self.config.service_ports()[name].items():
+            starting = [self.services[n] for n in to_start]
+            for service in starting:
+                for what, port in service.ports.items():
                     for address in self.config.listen_addresses(what):
                         if not processes.port_free(port, address):
                             raise StackError(
                                 f"port {port} ({what}) on {address} is already in use{processes.port_owner(port)}; "
                                 f"pick other ports (--port-offset / {OFFSET_ENV} or the port flags)"
                             )
-            commands = {name: self._command(name) for name in to_start}  # missing binaries fail here
-            first_mlflow = not self.mlflow_db.exists()
-            for name, (argv, extra) in commands.items():
-                log = self.log_file(name)
-                records[name] = processes.launch(argv, self._service_env(extra), self.config.state_dir, log)
+            commands = {s: s.command() for s in starting}  # missing binaries fail here
+            waits = {s: s.waiting_for() for s in starting}  # before any starts: MLflow's depends on its database
+            for service, (argv, extra) in commands.items():
+                log = self.log_file(service.name)
+                records[service.name] = processes.launch(argv, self._service_env(extra), self.config.state_dir, log)
                 if say:
-                    say(f"waiting for {_waiting_for(name, first_mlflow)} ...")
-                    if name == "s3" and not self.private_network:
-                        say(
-                            "note: this machine allows no private network namespace for this user, so SeaweedFS's "
-                            "master, volume and filer ports on 127.0.0.1 answer any local user (docs/stack.md)"
-                        )
+                    say(f"waiting for {waits[service]} ...")
+                    if note := service.note():
+                        say(note)
             write_private_json(self.pids_file, records)
             try:
                 with ThreadPoolExecutor(len(wanted) or 1) as pool:
-                    for f in [pool.submit(self._wait_ready, n, deadline, n in to_start) for n in wanted]:
+                    for f in [pool.submit(self._wait_ready, self.services[n], deadline, n in to_start) for n in wanted]:
                         f.result()
                 if say and to_start:
                     say(f"{', '.join(to_start)} ready after {time.monotonic() - t0:.0f} s")
@@ -392,59 +525,19 @@ class Stack:
             tail = "\n".join(self.log_file(name).read_text(errors="replace").splitlines()[-25:])
         return StackError(f"{name} {what}; {self.log_file(name)} ends with:\n{tail}")
 
-    def _wait_ready(self, name: str, deadline: float, started: bool) -> None:
+    def _wait_ready(self, service: Service, deadline: float, started: bool) -> None:
+        name = service.name
         record = self._records()[name]
         while True:
             code = processes.exit_code(record) if started else None
-            if code is not None and (name != "ray" or code != 0):  # `ray start` exits 0 once its daemons run
+            if code is not None and not (service.detaches and code == 0):
                 raise self._failure(name, f"exited with code {code} while starting")
-            if self._healthy(name) and (name != "s3" or (self._volumes_known() and self._ensure_buckets())):
+            if service.ready():
                 return
             if time.monotonic() > deadline:
                 what = "did not become ready" if started else "is running but not healthy (try `down`, then `up`)"
-                raise self._failure(name, f"{what} within the timeout ({self.config.urls[name]})")
+                raise self._failure(name, f"{what} within the timeout ({service.url})")
             time.sleep(0.25)
-
-    def _volumes_known(self) -> bool:
-        """Whether weed's master knows every volume on disk: until then reads of old objects fail."""
-        ids = {p.stem.rpartition("_")[2] for p in self.weed_dir.glob("*.dat")}
-        if not ids:
-            return True
-        if self.weed_master_socket.exists():
-            body = _get_unix(self.weed_master_socket, "/vol/status")
-        else:
-            body = _get(f"http://{HOST}:{self.config.weed_ports()['master']}/vol/status")
-        try:
-            topology = json.loads(body)["Volumes"]["DataCenters"]
-        except (TypeError, ValueError, KeyError):
-            return False
-        known = {
-            str(v["Id"]) for dc in topology.values() for rack in dc.values() for node in rack.values() for v in node
-        }
-        return ids <= known
-
-    def _ensure_buckets(self) -> bool:
-        import boto3
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        creds = self._credentials()
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=self.config.urls["s3"],
-            region_name=REGION,
-            aws_access_key_id=creds["access_key"],
-            aws_secret_access_key=creds["secret_key"],
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-        )
-        try:
-            existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
-            for bucket in BUCKETS:
-                if bucket not in existing:
-                    s3.create_bucket(Bucket=bucket)
-        except (BotoCoreError, ClientError):
-            return False
-        return True
 
     # ---- down
 
@@ -457,7 +550,7 @@ class Stack:
         records = self._records()
         names = [n for n in names if n in records]
         with ThreadPoolExecutor(len(names) or 1) as pool:
-            for f in [pool.submit(processes.stop, records[n], STOP_GRACE[n]) for n in names]:
+            for f in [pool.submit(processes.stop, records[n], self.services[n].stop_grace) for n in names]:
                 f.result()
         write_private_json(self.pids_file, {n: r for n, r in records.items() if n not in names})
         return names
@@ -468,22 +561,15 @@ class Stack:
         """Per service: state (up / unhealthy / down), URL, live PIDs and their memory."""
         pids = self.pids()
         out = {}
-        for name in SERVICES:
+        for name, service in self.services.items():
             live = pids.get(name, [])
-            healthy = bool(live) and self._healthy(name)
+            healthy = bool(live) and service.healthy()
             mem = [processes.memory_kib(p) for p in live]
             out[name] = {
                 "state": "up" if healthy else ("unhealthy" if live else "down"),
-                "url": self.config.urls[name],
+                "url": service.url,
                 "pids": live,
                 "rss_mib": round(sum(m[0] for m in mem) / 1024, 1),
                 "pss_mib": round(sum(m[1] for m in mem) / 1024, 1),
             }
         return out
-
-
-def _waiting_for(name: str, first_mlflow: bool) -> str:
-    """What starting a service waits for, with the times measured on a 2-core machine."""
-    if name == "mlflow":
-        return "MLflow (first start creates its database, ~35 s)" if first_mlflow else "MLflow (~12 s)"
-    return {"s3": "S3 (SeaweedFS, a few seconds)", "ray": "the Ray head (10-20 s)"}.get(name, name)

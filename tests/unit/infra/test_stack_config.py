@@ -64,7 +64,8 @@ def test_from_state_dir_uses_the_ports_up_saved(tmp_path):
     assert Stack.from_state_dir(tmp_path / "never-up").config.state_dir == (tmp_path / "never-up").resolve()
 
 
-def test_services_are_chosen_by_name_in_start_order():
+def test_services_are_chosen_by_name_in_start_order(tmp_path):
     assert select(["ray", " s3"]) == ["s3", "ray"] and select(SERVICES) == list(SERVICES)
+    assert tuple(Stack(StackConfig(state_dir=tmp_path)).services) == SERVICES  # status lists them in this order
     with pytest.raises(StackError, match="unknown services"):
         select(["s3", "minio"])
