@@ -11,7 +11,7 @@ Measures, on the same checkpoint:
   2. DDIM-50 vs 1000-step ancestral (2 actors): images/s ratio and the quality metric of each.
 
 Needs the stack's variables (``eval "$(python -m infra.stack env)"``) or your services' own. The model is
-trained in this process and logged as the training job logs a run (``pipeline.sample.local_run``).
+trained in this process and logged as the training job logs a run (``benchmarks.local_run``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from benchmarks import local_run
 from pipeline.cli import JobError, run_job
 from pipeline.config import ConfigError, JobSettings, StorageConfig, TrackingConfig
-from pipeline.sample import local_run
-from pipeline.sample.evaluate import SampleSettings, evaluate
+from pipeline.sample.evaluate import evaluate
+from pipeline.sample.settings import SampleSettings
 from pipeline.tracking import TrackedRun
 
 

@@ -6,8 +6,8 @@
     python jobs/sample.py --model models:/NAME@champion | models:/NAME/VERSION [--promote ALIAS] ...
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/sample.py --run-id RUN
 
-Prints the summary (artifacts, metrics, cost) as JSON. The work is ``pipeline.sample.evaluate``;
-see docs/sampling.md. Exit status: 0 done, 1 the run / model / checkpoint / data / cluster cannot be
+Prints the summary (artifacts, metrics, cost) as JSON. The work is ``pipeline.sample.evaluate``
+(``pipeline.registry.evaluate_model`` for --model); see docs/sampling.md. Exit status: 0 done, 1 the run / model / checkpoint / data / cluster cannot be
 used (the message says which), 2 invalid configuration (the message names the field).
 """
 
@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 
 from pipeline.cli import run_job
-from pipeline.sample.evaluate import SampleSettings, evaluate
+from pipeline.registry import evaluate_model
+from pipeline.sample.evaluate import evaluate
+from pipeline.sample.settings import SampleSettings
 
 
-def main(argv: list[str] | None = None, *, after_batch: Callable | None = None) -> int:
-    def body(settings: SampleSettings) -> None:
-        print(json.dumps(evaluate(settings, after_batch=after_batch), indent=2, default=str))
+def _sample(settings: SampleSettings) -> None:
+    summary = evaluate_model(settings) if settings.model else evaluate(settings)
+    print(json.dumps(summary, indent=2, default=str))
 
-    return run_job(SampleSettings, body, argv, prog="sample.py", echo=False)
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(SampleSettings, _sample, argv, prog="sample.py", echo=False)
 
 
 if __name__ == "__main__":

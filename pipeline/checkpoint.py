@@ -19,6 +19,9 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from pipeline.ddpm.unet import UNet, UNetConfig
 
 CKPT_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
@@ -116,3 +119,11 @@ def load_sampling_export(data: bytes | str | Path) -> dict:
     if missing:
         raise CorruptCheckpoint(f"not a ddpm-pipeline sampling checkpoint: missing {sorted(missing)}")
     return state
+
+
+def model_for_sampling(state: dict, *, ema: bool = True) -> nn.Module:
+    """Rebuild the U-Net from a checkpoint dict or sampling export (EMA weights by default), in eval mode."""
+    model = UNet(UNetConfig.from_dict(state["unet"]))
+    weights = state["ema"]["model"] if ema else state["model"]
+    model.load_state_dict(weights)
+    return model.eval().requires_grad_(False)

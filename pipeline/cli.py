@@ -12,14 +12,11 @@ from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, SecretStr
 
+from pipeline.cluster import in_ray_job
 from pipeline.config import ConfigError, JobSettings, ServiceEnvSource
+from pipeline.errors import JobError
 
 S = TypeVar("S", bound=JobSettings)
-
-
-class JobError(RuntimeError):
-    """Something the job needs cannot be used (a run, a checkpoint, data, the cluster); the message
-    says which and why. Exit status 1."""
 
 
 def run_job(
@@ -37,7 +34,6 @@ def run_job(
     ``--dry-run``), print the resolved configuration (secrets masked; ``echo=False``: only for
     ``--dry-run``), then run ``body(settings)``, or ``body(settings, preflight's result)``. Returns
     the exit status."""
-    from pipeline.cluster import in_ray_job
 
     argv = sys.argv[1:] if argv is None else argv
     try:

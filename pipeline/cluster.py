@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import env_file
+from pipeline.config import ConfigError, env_file
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 RAY_AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
@@ -22,6 +22,41 @@ RAY_AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 
 class AddressError(ValueError):
     """A Ray address that ``ray.init`` cannot use and that could not be translated."""
+
+
+class DeviceError(ConfigError):
+    """The settings ask for a device the cluster cannot give."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices
+
+
+def choose_device(
+    mode: str, gpus: float, workers: int, *, fewer_ok: bool = False, suggest: int | None = None
+) -> tuple[bool, int]:
+    """(GPU workers?, how many) for ``workers`` workers of one GPU each on a cluster with ``gpus``
+    GPUs, by ``cluster.use_gpu`` ``mode``: the one rule of training and sampling.
+
+    ``no``: CPU workers. ``auto``: GPUs when the cluster has any. ``yes``: GPUs, refused without.
+    With fewer GPUs than workers, ``fewer_ok`` (sampling: actors share the seeds) runs one worker per
+    GPU; otherwise (training: the group's size is the settings') it is refused with the way out
+    (``suggest``: the worker count to propose), since Ray would wait for the missing GPUs for ever.
+    """
+    if mode == "no" or (mode == "auto" and gpus < 1):
+        return False, workers
+    if gpus >= workers or (fewer_ok and gpus >= 1):
+        return True, min(workers, int(gpus))
+    if mode == "yes":
+        raise DeviceError(
+            f"cluster.use_gpu=yes asks for {workers} GPU worker(s) but the cluster has {gpus:g} GPU(s); "
+            "use --cluster.use-gpu auto or no, or fewer --cluster.num-workers"
+        )
+    raise DeviceError(
+        f"cluster.use_gpu=auto: the cluster has {gpus:g} GPU(s) for {workers} workers of one GPU each; "
+        f"pass --cluster.num-workers {suggest or int(gpus)} to train on the GPU(s), or --cluster.use-gpu no for "
+        "CPU workers"
+    )
 
 
 # ------------------------------------------------------------------------------------------------

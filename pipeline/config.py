@@ -122,6 +122,8 @@ class DataConfig(Section):
 
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 RUN_NAME_RULE = "1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+# A registered model version: models:/NAME/VERSION or models:/NAME@ALIAS (MLflow's own forms).
+MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
 
 class TrainConfig(Section):

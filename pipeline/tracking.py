@@ -1,4 +1,5 @@
-"""The one door to MLflow: every run the pipeline creates, reads or writes goes through here.
+"""The door to MLflow's runs and metrics: every run the pipeline creates, reads or writes goes through
+here (registered models and their versions are ``pipeline.registry``'s).
 
 Training (``Tracker``): only rank 0 of a training run makes one. Metrics are queued and sent in
 batches by a background thread (a synchronous ``log_metric`` costs ~200 ms on the local stack);
@@ -18,15 +19,15 @@ import contextlib
 import json
 import logging
 import queue
-import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoint import checkpoint_name, images_of
+from pipeline.errors import JobError
 from pipeline.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,11 @@ SWEEP_TAG = "ddpm.sweep"  # a sweep's parent run: the sweep's name (its trials' 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
 
 
-class TrackingError(RuntimeError):
+class TrackingError(JobError):
     """An MLflow run or one of its artifacts cannot be read or written; the message names the run and what."""
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -57,7 +58,7 @@ def find_or_create_run(
 ) -> str:
     """The MLflow run whose ``tag`` is ``run_name`` (a training run's: ``ddpm.run_name``), created on
     first use: one per training run (or sweep). ``tags`` are set on it, found or created."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     runs = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{run_name}'", max_results=2)
@@ -78,7 +79,7 @@ def find_or_create_run(
 
 def find_run(uri: str, experiment: str, run_name: str, *, tag: str = RUN_NAME_TAG) -> str | None:
     """The id of the MLflow run whose ``tag`` is ``run_name``, or None."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{run_name}'", max_results=1) if exp else []
     return runs[0].info.run_id if runs else None
@@ -89,7 +90,7 @@ def end_run(uri: str, run_id: str, status: str, reason: str, *, tries: int = 5) 
     driver's side: the workers are gone). Retried for a few seconds; False if MLflow stayed away."""
     from mlflow.entities import RunTag
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     for attempt in range(tries):
         try:
             client.log_batch(run_id, tags=[RunTag(FAILURE_TAG, reason[:5000])])
@@ -112,7 +113,7 @@ class Tracker:
         self._warned = False
         self._tmp = scratch_dir("tracker")
         self.time_spent = 0.0  # seconds the training thread spent in this class (for the overhead figure)
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
         try:  # the last step the run already holds (after a restart)
             self.min_step = max((m.step for m in self.client.get_metric_history(run_id, STEP_METRIC)), default=-1)
         except Exception as e:  # unreachable server: keep training
@@ -173,7 +174,6 @@ class Tracker:
 
     def log_checkpoint(self, images_seen: int, export: bytes) -> None:
         """A sampling checkpoint (``pipeline.checkpoint.sampling_export``), where the sampling job looks."""
-        from pipeline.checkpoint import checkpoint_name
 
         self.log_bytes(export, f"{checkpoint_name(images_seen)}.pt", CHECKPOINT_DIR)
 
@@ -266,7 +266,7 @@ class TrackedRun:
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
         from mlflow.exceptions import MlflowException
 
         try:
@@ -284,7 +284,6 @@ class TrackedRun:
 
     def checkpoints(self) -> dict[int, str]:
         """images_seen -> artifact path of every sampling checkpoint of the run."""
-        from pipeline.checkpoint import images_of
 
         out = {}
         for f in self.client.list_artifacts(self.run_id, CHECKPOINT_DIR):
@@ -414,151 +413,3 @@ def dataset_input(name: str, url: str, digest: str, context: str):
 def eval_metric_key(sampler_tag: str, figure: str) -> str:
     """MLflow key of an evaluation figure: one curve per sampler over the run's checkpoints."""
     return f"{EVAL_DIR}/{sampler_tag}/{figure}"
-
-
-# ------------------------------------------------------------------------------------------------
-# The model registry: one MLflow Model per finished training run, one version of its registered model
-
-MODEL_ARTIFACT = "model"  # the pyfunc in the training run (pipeline.sample.model)
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # as TrainConfig.register_as
-MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
-# Version tags: where the model came from, and what the sampling job needs to evaluate it.
-TAG_CHECKPOINT = "ddpm.checkpoint"  # the artifact checkpoints/images_<N>.pt of the source run
-TAG_IMAGES_SEEN = "ddpm.images_seen"
-
-
-@contextlib.contextmanager
-def _fluent_uri(uri: str) -> Iterator[Any]:
-    """MLflow's fluent API (which log_model needs) pointed at ``uri`` for the duration."""
-    import mlflow
-
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield mlflow
-    finally:
-        mlflow.set_tracking_uri(before)
-
-
-def log_and_register_model(
-    uri: str, run_id: str, checkpoint_artifact: str, name: str, tags: dict[str, Any], work: str | Path
-) -> Any:
-    """Log the sampling checkpoint ``checkpoint_artifact`` of run ``run_id`` as its MLflow Model
-    (``pipeline.sample.model``) and register it as a new version of ``name``, tagged with ``tags``,
-    the checkpoint and its images seen. Returns the ``ModelVersion``."""
-    from pipeline.checkpoint import images_of, load_sampling_export
-    from pipeline.sample import model
-
-    if not MODEL_NAME_RE.match(name):
-        raise TrackingError(f"invalid registered model name {name!r}: use letters, digits, '.', '_' and '-'")
-    run = TrackedRun(uri, run_id)
-    local = run.download(checkpoint_artifact, work)
-    unet = load_sampling_export(local)["unet"]
-    try:
-        with _fluent_uri(uri) as mlflow, mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT,
-                python_model=str(model.CODE_FILE),
-                artifacts={model.ARTIFACT: str(local)},
-                signature=model.signature(int(unet["image_size"]), int(unet["in_channels"])),
-                input_example=model.input_example(),
-                pip_requirements=model.pip_requirements(),
-                registered_model_name=name,
-            )
-        version = run.client.get_model_version(name, str(info.registered_model_version))
-        all_tags = {**tags, TAG_CHECKPOINT: checkpoint_artifact, TAG_IMAGES_SEEN: images_of(checkpoint_artifact)}
-        for k, v in all_tags.items():
-            run.client.set_model_version_tag(name, version.version, k, str(v))
-    except Exception as e:
-        raise TrackingError(f"could not log and register the model of MLflow run {run_id!r} as {name!r}: {e}") from None
-    return run.client.get_model_version(name, version.version)
-
-
-def registered_versions(uri: str, name: str) -> list[Any]:
-    """Every ``ModelVersion`` of registered model ``name``, oldest first."""
-    return sorted(_client(uri).search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-
-
-def _registry_listing(client, name: str) -> str:
-    versions = registered_versions(client.tracking_uri, name)
-    aliases = client.get_registered_model(name).aliases  # alias -> version
-    if not versions:
-        return f"registered model {name!r} has no versions"
-    return f"registered model {name!r} has versions {', '.join(v.version for v in versions)}" + (
-        f" and aliases {', '.join(f'@{a} -> {v}' for a, v in sorted(aliases.items()))}"
-        if aliases
-        else " and no aliases"
-    )
-
-
-def model_version(uri: str, model_uri: str) -> Any:
-    """The ``ModelVersion`` of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``; ``TrackingError``
-    naming what was asked and what the registry has otherwise."""
-    from mlflow.exceptions import MlflowException
-
-    m = MODEL_URI_RE.match(model_uri)
-    if not m:
-        raise TrackingError(f"{model_uri!r} is not a model URI: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    name, client = m["name"], _client(uri)
-    try:
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
-            names = sorted(r.name for r in client.search_registered_models(max_results=50))
-            raise TrackingError(
-                f"{model_uri}: no registered model {name!r} at {uri}; registered models: {', '.join(names) or 'none'}"
-            ) from None
-        try:
-            if m["alias"]:
-                return client.get_model_version_by_alias(name, m["alias"])
-            return client.get_model_version(name, m["version"])
-        except MlflowException:
-            what = f"alias @{m['alias']}" if m["alias"] else f"version {m['version']}"
-            raise TrackingError(f"{model_uri}: no {what}; {_registry_listing(client, name)}") from None
-    except TrackingError:
-        raise
-    except Exception as e:  # connection refused, DNS, ...
-        raise TrackingError(f"cannot reach the MLflow tracking server {uri} to resolve {model_uri}: {e}") from None
-
-
-def version_metric(uri: str, version: Any, key: str) -> float | None:
-    """The latest value of metric ``key`` that the source run holds for this version's checkpoint
-    (evaluations log at the checkpoint's images seen), or None."""
-    step = version.tags.get(TAG_IMAGES_SEEN)
-    hist = [m for m in _client(uri).get_metric_history(version.run_id, key) if step is None or str(m.step) == step]
-    return max(hist, key=lambda m: m.timestamp).value if hist else None
-
-
-def promote_if_better(uri: str, version: Any, alias: str, key: str, value: float) -> dict[str, Any]:
-    """Set ``alias`` on ``version`` when its ``value`` of metric ``key`` (lower is better) beats the
-    current holder's, or when no version holds the alias; returns the decision."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client(uri)
-    decision: dict[str, Any] = {"alias": alias, "metric": key, "version": version.version, "value": value}
-    try:
-        holder = client.get_model_version_by_alias(version.name, alias)
-    except MlflowException:
-        holder = None
-    if holder is None:
-        promote, reason = True, f"no version held @{alias}"
-    elif holder.version == version.version:
-        promote, reason = False, f"version {version.version} already holds @{alias}"
-    else:
-        held = version_metric(uri, holder, key)
-        decision["holder"] = {"version": holder.version, "value": held}
-        if held is None:
-            # Nothing to compare with: keep the holder until it is evaluated with the same sampler.
-            promote, reason = False, f"version {holder.version} (@{alias}) has no {key} to compare with; evaluate it"
-        elif value < held:
-            promote, reason = True, f"{value:.4g} < {held:.4g} of version {holder.version}"
-        else:
-            promote, reason = False, f"{value:.4g} >= {held:.4g} of version {holder.version}, which keeps @{alias}"
-    if promote:
-        try:
-            client.set_registered_model_alias(version.name, alias, version.version)
-        except Exception as e:
-            raise TrackingError(
-                f"could not set alias @{alias} on {version.name} version {version.version}: {e}"
-            ) from None
-    return decision | {"promoted": promote, "reason": reason}

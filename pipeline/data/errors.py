@@ -8,9 +8,10 @@ process unchanged.
 from __future__ import annotations
 
 from pipeline.config import ConfigError
+from pipeline.errors import JobError
 
 
-class DataError(RuntimeError):
+class DataError(JobError):
     """A storage or dataset problem."""
 
     def __init__(self, message: str, *, url: str | None = None) -> None:

@@ -21,20 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from mlflow.pyfunc import PythonModel
+
+from pipeline.checkpoint import load_sampling_export, model_for_sampling
+from pipeline.config import ClusterConfig, SampleConfig
+from pipeline.ddpm.sampler import sample, to_uint8
+from pipeline.ddpm.schedule import NoiseSchedule
+from pipeline.ddpm.unet import UNetConfig
+from pipeline.sample.pool import FixedShapeCalls
+from pipeline.sample.settings import SampleSettings
 
 CODE_FILE = Path(__file__).with_name("model_code.py")
 ARTIFACT = "checkpoint"
 BATCH = 256  # seeds per sampler call: bounds memory; an image does not depend on it
 # The sampler settings predict takes as params, with jobs/sample.py's defaults.
-PARAM_DEFAULTS: dict[str, Any] = {
-    "method": "ddim",
-    "steps": 50,
-    "eta": 0.0,
-    "variance": "fixed_small",
-    "clip": True,
-    "chunk": 64,
-    "threads": 1,
+_JOB = SampleSettings.model_fields
+PARAM_DEFAULTS: dict[str, Any] = _JOB["sample"].default.model_dump() | {
+    "chunk": _JOB["chunk"].default,
+    "threads": ClusterConfig.model_fields["threads_per_worker"].default,
 }
 
 
@@ -58,13 +63,6 @@ class DiffusionModel(PythonModel):
     """Seeds in, uint8 images (N, H, W, C) out, from the EMA weights of a sampling export."""
 
     def load_context(self, context) -> None:
-        import torch
-
-        from pipeline.checkpoint import load_sampling_export
-        from pipeline.ddpm.schedule import NoiseSchedule
-        from pipeline.ddpm.unet import UNetConfig
-        from pipeline.train.state import model_for_sampling
-
         state = load_sampling_export(context.artifacts[ARTIFACT])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net = model_for_sampling(state, ema=True).to(self.device)
@@ -74,18 +72,9 @@ class DiffusionModel(PythonModel):
         self.shape = (unet.in_channels, unet.image_size, unet.image_size)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-        import torch
-
-        from pipeline.ddpm.sampler import SamplerOptions, sample, to_uint8
-        from pipeline.sample.pool import FixedShapeCalls
-
         p = PARAM_DEFAULTS | {k: v for k, v in (params or {}).items() if v is not None}
         seeds = seeds_of(model_input)
-        method = str(p["method"])
-        options = SamplerOptions(
-            method, int(p["steps"]) if method == "ddim" else None, float(p["eta"]), str(p["variance"]),
-            bool(p["clip"]), self.objective,
-        )  # fmt: skip
+        options = SampleConfig(**{k: p[k] for k in SampleConfig.model_fields}).options(self.objective)
         call = FixedShapeCalls(self.net, int(p["chunk"]))
         c, h, w = self.shape
         out = np.empty((len(seeds), h, w, c), dtype=np.uint8)
@@ -126,45 +115,3 @@ def pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "numpy", "pandas")]
-
-
-def model_name(settings: Any) -> str:
-    """``train.register_as``, else ``ddpm-<last part of data.url>`` (e.g. ddpm-digits)."""
-    import re
-
-    if settings.train.register_as:
-        return settings.train.register_as
-    last = settings.data.url.rstrip("/").rsplit("/", 1)[-1]
-    return "ddpm-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", last).strip("-.") or "model")
-
-
-def register(settings: Any, run_id: str, *, log=print) -> Any:
-    """Log the latest sampling checkpoint of the finished training run ``run_id`` as its MLflow Model
-    and register it as a new version of ``model_name(settings)``, tagged with the run's data and key
-    config. Returns the ``ModelVersion``."""
-    import tempfile
-    import time
-
-    from pipeline.tracking import TrackedRun, TrackingError, log_and_register_model
-
-    uri = settings.tracking.uri
-    checkpoints = TrackedRun(uri, run_id).checkpoints()
-    if not checkpoints:
-        raise TrackingError(f"MLflow run {run_id!r} has no sampling checkpoint to register as a model")
-    images_seen = max(checkpoints)
-    tags = {
-        "ddpm.data_url": settings.data.url,
-        "ddpm.preset": settings.model.preset,
-        "ddpm.image_size": settings.data.image_size,
-        "ddpm.channels": settings.data.channels,
-        "ddpm.objective": settings.diffusion.objective,
-        "ddpm.run_name": settings.train.run_name,
-    }
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ddpm-model-") as work:
-        version = log_and_register_model(uri, run_id, checkpoints[images_seen], model_name(settings), tags, work)
-    log(
-        f"registered the model of {images_seen} images as models:/{version.name}/{version.version} "
-        f"({time.perf_counter() - t0:.1f} s)"
-    )
-    return version

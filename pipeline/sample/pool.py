@@ -29,8 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from pipeline.ddpm.sampler import SamplerOptions
+from pipeline.checkpoint import load_sampling_export, model_for_sampling
+from pipeline.ddpm.sampler import SamplerOptions, sample, to_uint8
+from pipeline.ddpm.schedule import NoiseSchedule
+from pipeline.ddpm.unet import UNetConfig
 
 
 class PoolError(RuntimeError):
@@ -80,8 +84,6 @@ class FixedShapeCalls:
         self.model, self.chunk = model, chunk
 
     def __call__(self, x, t):
-        import torch
-
         n, c = x.shape[0], self.chunk
         if n == c:
             return self.model(x, t)
@@ -102,13 +104,6 @@ class SamplerWorker:
     def __init__(
         self, export: bytes, *, ema: bool, options: SamplerOptions, threads: int, use_gpu: bool, chunk: int
     ) -> None:
-        import torch
-
-        from pipeline.checkpoint import load_sampling_export
-        from pipeline.ddpm.schedule import NoiseSchedule
-        from pipeline.ddpm.unet import UNetConfig
-        from pipeline.train.state import model_for_sampling
-
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         state = load_sampling_export(export)
@@ -124,7 +119,6 @@ class SamplerWorker:
         import socket
 
         import ray
-        import torch
 
         return {
             "pid": os.getpid(),
@@ -136,8 +130,6 @@ class SamplerWorker:
 
     def sample(self, seeds: Sequence[int]) -> tuple[np.ndarray, float, float]:
         """(uint8 NHWC images, wall seconds, CPU seconds of this process)."""
-        from pipeline.ddpm.sampler import sample, to_uint8
-
         t0, c0 = time.perf_counter(), time.process_time()
         x = sample(self.call, self.schedule, list(seeds), self.shape, self.options, device=self.device)
         return to_uint8(x), time.perf_counter() - t0, time.process_time() - c0
@@ -233,10 +225,6 @@ class SamplingPool:
     def alive(self) -> list[_Slot]:
         return [s for s in self.slots if s.alive]
 
-    def actor_pids(self) -> list[int]:
-        """PIDs of the live, ready actors (for tests that crash one)."""
-        return [s.info["pid"] for s in self.alive if s.ready]
-
     def _actor_died(self, slot: _Slot, err: Exception, pending: deque[SeedBatch], done: set[int]) -> None:
         if not slot.alive:
             return
@@ -266,17 +254,8 @@ class SamplingPool:
             )
 
     # -- the loop ----------------------------------------------------------------------------------
-    def run(
-        self,
-        batches: Sequence[SeedBatch],
-        on_result: Callable[[SeedBatch, np.ndarray], None],
-        *,
-        after_batch: Callable[[SamplingPool, SeedBatch], None] | None = None,
-    ) -> PoolStats:
+    def run(self, batches: Sequence[SeedBatch], on_result: Callable[[SeedBatch, np.ndarray], None]) -> PoolStats:
         """Sample every batch; ``on_result(batch, uint8 NHWC images)`` once per batch, as results arrive."""
-        ray = self._ray
-        from ray.exceptions import RayActorError, RayTaskError
-
         t_start = time.perf_counter()
         for _ in range(self.workers):
             self._start_actor()
@@ -284,21 +263,8 @@ class SamplingPool:
         done: set[int] = set()
         t_sampling: float | None = None  # when batches started to be handed out
         while len(done) < len(batches):
-            if t_sampling is None:
-                ready_n = sum(s.ready for s in self.alive)
-                starting = len(self.alive) - ready_n
-                try:
-                    go = start_sampling(ready_n, starting, time.perf_counter() - t_start, self.start_timeout_s)
-                except TimeoutError as e:
-                    raise PoolError(f"{e}: {self._needs_and_free()}") from None
-                if go:
-                    t_sampling = time.perf_counter()
-                    if starting:
-                        self.log(
-                            f"{starting} of {len(self.alive)} sampling actors not ready after "
-                            f"{self.start_timeout_s:.0f} s; sampling starts with {ready_n}, the others join when "
-                            f"they start ({self._needs_and_free()})"
-                        )
+            if t_sampling is None and self._may_start(time.perf_counter() - t_start):
+                t_sampling = time.perf_counter()
             for slot in self.alive if t_sampling is not None else ():
                 while slot.ready and pending and len(slot.inflight) < self.depth:
                     b = pending.popleft()
@@ -307,34 +273,10 @@ class SamplingPool:
                     self._refs[ref] = (slot, b)
             if not self._refs:
                 raise PoolError("internal error: batches left but nothing in flight")
-            ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=1.0)
+            ready, _ = self._ray.wait(list(self._refs), num_returns=1, timeout=1.0)
             for ref in ready:
-                if ref not in self._refs:  # dropped when its actor died
-                    continue
-                slot, batch = self._refs.pop(ref)
-                try:
-                    value = ray.get(ref)
-                except RayActorError as e:
-                    self._actor_died(slot, e, pending, done)
-                    continue
-                except RayTaskError as e:
-                    raise PoolError(f"sampling failed in actor {slot.number}: {e}") from None
-                if batch is None:
-                    slot.ready, slot.info = True, value
-                    continue
-                slot.inflight.pop(ref, None)
-                images, seconds, cpu_seconds = value
-                slot.batches += 1
-                slot.busy_s += seconds
-                slot.cpu_s += cpu_seconds
-                if batch.index in done:  # cannot happen: a batch is re-queued only after its actor died
-                    continue
-                if images.shape[0] != len(batch):
-                    raise PoolError(f"batch {batch.index}: got {images.shape[0]} images for {len(batch)} seeds")
-                done.add(batch.index)
-                on_result(batch, images)
-                if after_batch is not None:
-                    after_batch(self, batch)
+                if ref in self._refs:  # else dropped when its actor died
+                    self._receive(ref, pending, done, on_result)
         t_end = time.perf_counter()
         return PoolStats(
             actor_failures=self.failures,
@@ -355,6 +297,50 @@ class SamplingPool:
             ],
             device=next((s.info.get("device", "?") for s in self.slots if s.info), "?"),
         )
+
+    def _may_start(self, waited_s: float) -> bool:
+        """Whether to hand out batches now (``start_sampling``), saying so when late actors are left behind."""
+        ready = sum(s.ready for s in self.alive)
+        starting = len(self.alive) - ready
+        try:
+            go = start_sampling(ready, starting, waited_s, self.start_timeout_s)
+        except TimeoutError as e:
+            raise PoolError(f"{e}: {self._needs_and_free()}") from None
+        if go and starting:
+            self.log(
+                f"{starting} of {len(self.alive)} sampling actors not ready after {self.start_timeout_s:.0f} s; "
+                f"sampling starts with {ready}, the others join when they start ({self._needs_and_free()})"
+            )
+        return go
+
+    def _receive(
+        self, ref: Any, pending: deque[SeedBatch], done: set[int], on_result: Callable[[SeedBatch, np.ndarray], None]
+    ) -> None:
+        """One finished task: an actor's start (its info) or a batch's images, or the death of its actor."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        slot, batch = self._refs.pop(ref)
+        try:
+            value = self._ray.get(ref)
+        except RayActorError as e:
+            self._actor_died(slot, e, pending, done)
+            return
+        except RayTaskError as e:
+            raise PoolError(f"sampling failed in actor {slot.number}: {e}") from None
+        if batch is None:
+            slot.ready, slot.info = True, value
+            return
+        slot.inflight.pop(ref, None)
+        images, seconds, cpu_seconds = value
+        slot.batches += 1
+        slot.busy_s += seconds
+        slot.cpu_s += cpu_seconds
+        if batch.index in done:  # cannot happen: a batch is re-queued only after its actor died
+            return
+        if images.shape[0] != len(batch):
+            raise PoolError(f"batch {batch.index}: got {images.shape[0]} images for {len(batch)} seeds")
+        done.add(batch.index)
+        on_result(batch, images)
 
     def _needs_and_free(self) -> str:
         res = self._ray.available_resources()

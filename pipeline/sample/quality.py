@@ -33,6 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data import DataError, NotFoundError, load_split_arrays, open_manifest
+from pipeline.data.storage import join_url, read_bytes, write_bytes
+
 FEATURE_NET_VERSION = 1
 FEATURE_NET_DIR = "feature-net"
 
@@ -285,8 +288,6 @@ def load_or_train_feature_net(
     ``eval_split`` is (uint8 NHWC images, labels) if the caller already has it; otherwise it is read,
     as the train split is, with ``pipeline.data.load_split_arrays`` when training is needed.
     """
-    from pipeline.data import NotFoundError, load_split_arrays, open_manifest
-    from pipeline.data.storage import join_url, read_bytes, write_bytes
 
     manifest = open_manifest(data_url, storage, "train")
     cfg = FeatureNetConfig(
@@ -341,7 +342,6 @@ def quality_metrics(
     whole split). Same reference, same sample size as the generated set. Also reported: two
     disjoint halves of the eval split (smaller samples, so higher).
     """
-    from pipeline.data import DataError, load_split_arrays
 
     t0 = time.perf_counter()
     ev = load_split_arrays(data_url, storage, "eval")

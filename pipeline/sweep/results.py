@@ -10,10 +10,6 @@ from typing import Any
 # The trial's statuses, as the MLflow tag sweep.status has them.
 FINISHED, STOPPED, FAILED = "finished", "stopped_early", "failed"
 
-# The callback that runs in the driver leaves the trials' rows here, by sweep name, when the sweep
-# ends: a resumed Tuner runs the callback object of the saved sweep, not one the caller holds.
-RESULTS: dict[str, list[dict[str, Any]]] = {}
-
 
 def rank_key(row: dict[str, Any], metric: str) -> float | None:
     v = row.get(metric)

@@ -25,17 +25,25 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cli import JobError
 from pipeline.config import ConfigError
+from pipeline.data.manifest import check_matches, open_manifest
+from pipeline.data.storage import filesystem
+from pipeline.errors import JobError
 from pipeline.sweep.config import SweepSettings, name_sweep
-from pipeline.sweep.results import FAILED, FINISHED, RESULTS, STOPPED, best_row, results_csv, summary_table
+from pipeline.sweep.results import FAILED, FINISHED, STOPPED, best_row, results_csv, summary_table
 from pipeline.sweep.space import Space, load_space
+from pipeline.tracking import NOTE_TAG, SWEEP_TAG, TrackedRun, TrackingError, end_run, find_or_create_run, find_run
+from pipeline.train.launch import connect_and_choose_device, run_page
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes
 RESULTS_ARTIFACT = "sweep_results"  # .json (everything) and .csv (the table) on the parent run
 # Params that may differ when a sweep is resumed: where and how it runs, not what its trials train.
 RESUME_MAY_CHANGE = ("dry_run", "sweep.resume", "sweep.retry_failed", "sweep.space")
 RESUME_MAY_CHANGE_PREFIXES = ("storage.", "tracking.", "cluster.address", "sweep.state_every_s")
+
+
+class SweepError(JobError):
+    """The sweep was interrupted, no trial finished, or its MLflow parent run cannot be reached."""
 
 
 @dataclass
@@ -76,11 +84,6 @@ def preflight(s: SweepSettings) -> Prepared:
     """Everything that must hold before a trial starts; ``ConfigError`` naming the problem otherwise."""
     from ray.tune import Tuner
 
-    from pipeline.data.manifest import check_matches, open_manifest
-    from pipeline.data.storage import filesystem
-    from pipeline.tracking import SWEEP_TAG, TrackedRun, TrackingError, find_or_create_run
-    from pipeline.train.launch import connect_and_choose_device
-
     sw, name = s.sweep, s.sweep.name
     if not s.tracking.uri:
         raise ConfigError(
@@ -109,10 +112,10 @@ def preflight(s: SweepSettings) -> Prepared:
         )
         run = TrackedRun(s.tracking.uri, parent)
         changed = run.log_new_params(sweep_params(s, space))
-    except TrackingError as e:
-        raise JobError(str(e)) from None
+    except TrackingError:
+        raise
     except Exception as e:
-        raise JobError(f"cannot reach the MLflow tracking server {s.tracking.uri}: {e}") from None
+        raise SweepError(f"cannot reach the MLflow tracking server {s.tracking.uri}: {e}") from None
     changed = changed_params(changed)
     if changed:
         lines = "\n".join(f"  {k}: the sweep has {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
@@ -165,11 +168,9 @@ def run_sweep(s: SweepSettings, prep: Prepared) -> int:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipeline.sweep.scheduler import Asha, SweepCallback
+    from pipeline.sweep.scheduler import Asha, SweepCallback, ran_callback
     from pipeline.sweep.space import to_tune
     from pipeline.sweep.trial import TrialJob, run_trial
-    from pipeline.tracking import TrackedRun, end_run
-    from pipeline.train.launch import run_page
 
     sw, name, uri = s.sweep, s.sweep.name, s.tracking.uri
     # Read by Tune's controller when it is made: the period of the state saves that resumption starts from.
@@ -226,17 +227,17 @@ def run_sweep(s: SweepSettings, prep: Prepared) -> int:
     t0 = time.time()
     with _sigterm_as_sigint() as interrupted:
         tuner.fit()
-    rows = RESULTS.pop(name, [])
+    rows = ran_callback(tuner).rows
     if interrupted.is_set() or any(r["status"] not in (FINISHED, STOPPED, FAILED) for r in rows):
         reason = f"interrupted; continue it with --sweep.resume --sweep.name {name}"
         end_run(uri, prep.parent_run_id, "KILLED", reason)
-        raise JobError(f"sweep {name!r} {reason}")
+        raise SweepError(f"sweep {name!r} {reason}")
     best = record_results(s, prep, rows, time.time() - t0)
     print("\n" + summary_table(rows, s.sweep.rank_metric))
     page = run_page(s, prep.parent_run_id)
     if best is None:
         end_run(uri, prep.parent_run_id, "FAILED", f"no trial finished with a {sw.rank_metric}")
-        raise JobError(f"sweep {name!r}: no trial finished with a {sw.rank_metric}; MLflow parent run: {page}")
+        raise SweepError(f"sweep {name!r}: no trial finished with a {sw.rank_metric}; MLflow parent run: {page}")
     parent.set_status("FINISHED")
     flags = " ".join(f"--{p.replace('_', '-')} {_flag_value(v)}" for p, v in best["values"].items())
     print(f"\nbest trial: {best['run_name']} ({sw.rank_metric} {best[sw.rank_metric]:.4g}); its settings: {flags}")
@@ -278,7 +279,6 @@ def _flag_value(v: Any) -> str:
 def record_results(s: SweepSettings, prep: Prepared, rows: list[dict[str, Any]], wall_s: float) -> dict | None:
     """Mark the best trial (child tag sweep.best), and give the parent run the best settings and
     figures (tags, metrics), the table of every trial (artifacts) and a description."""
-    from pipeline.tracking import NOTE_TAG, TrackedRun, TrackingError, find_run
 
     uri, exp, metric = s.tracking.uri, s.tracking.experiment, s.sweep.rank_metric
     best = best_row(rows, metric)

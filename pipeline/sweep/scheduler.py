@@ -18,7 +18,17 @@ from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from pipeline.sweep.config import trial_run_name
-from pipeline.sweep.results import FAILED, FINISHED, RESULTS, STOPPED
+from pipeline.sweep.results import FAILED, FINISHED, STOPPED
+from pipeline.tracking import (
+    FAILURE_TAG,
+    PARENT_TAG,
+    SWEEP_TAG,
+    TrackedRun,
+    TrackingError,
+    end_run,
+    find_or_create_run,
+    find_run,
+)
 
 TESTED = "ray 2.60 (pyproject.toml pins the minor version)"
 
@@ -90,11 +100,13 @@ class Asha(AsyncHyperBandScheduler):
 
 class SweepCallback(Callback):
     """Marks each trial's MLflow run when the trial ends (finished, stopped early by ASHA, failed),
-    keeps ASHA's rungs in the sweep's saved state, and leaves every trial's row in ``RESULTS``."""
+    keeps ASHA's rungs in the sweep's saved state, and holds every trial's row in ``rows`` when the
+    sweep ends (``ran_callback`` finds the instance that ran)."""
 
     def __init__(self, uri: str, experiment: str, sweep: str, scheduler: Asha | None, paths: list[str]) -> None:
         self.uri, self.experiment, self.sweep = uri, experiment, sweep
         self.scheduler, self.paths = scheduler, paths
+        self.rows: list[dict[str, Any]] = []
 
     # -- state saved with the sweep's ---------------------------------------------------------------------
     def get_state(self) -> dict | None:
@@ -117,19 +129,9 @@ class SweepCallback(Callback):
         self._mark(trial, FAILED, end=("FAILED", error_line(trial)))
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        RESULTS[self.sweep] = [self.row(t) for t in trials]
+        self.rows = [self.row(t) for t in trials]
 
     def _mark(self, trial, status: str, *, end: tuple[str, str] | None = None, extra: dict | None = None) -> None:
-        from pipeline.tracking import (
-            FAILURE_TAG,
-            PARENT_TAG,
-            SWEEP_TAG,
-            TrackedRun,
-            TrackingError,
-            end_run,
-            find_or_create_run,
-            find_run,
-        )
 
         name = trial_run_name(self.sweep, trial.trial_id)
         print(f"[sweep] trial {name} {status}" + (f": {end[1]}" if end and status == FAILED else ""), flush=True)
@@ -186,6 +188,12 @@ class SweepCallback(Callback):
             "rungs": self.scheduler.decisions.get(trial.trial_id, []) if self.scheduler else [],
             "error": error_line(trial) if trial.status == "ERROR" else None,
         }
+
+
+def ran_callback(tuner) -> SweepCallback:
+    """The ``SweepCallback`` that ``tuner.fit()`` ran: the one given to a new Tuner, or for a restored
+    sweep the one unpickled with its saved state (Tune runs that one, not a new one)."""
+    return next(c for c in tuner._local_tuner.get_run_config().callbacks if isinstance(c, SweepCallback))
 
 
 def error_line(trial) -> str:

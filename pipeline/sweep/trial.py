@@ -18,9 +18,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.config import SampleConfig
+from pipeline.sample.evaluate import evaluate
+from pipeline.sample.settings import SampleSettings
 from pipeline.sweep.config import SweepSettings, trial_run_name
 from pipeline.sweep.space import Space, trial_values, with_values
-from pipeline.tracking import PARENT_TAG
+from pipeline.tracking import PARENT_TAG, TrackedRun, end_run
+from pipeline.train import launch
+from pipeline.train.failures import TrainingFailed
 
 FD_KEY_RE = re.compile(r".*/fd_[a-z0-9]+")
 
@@ -42,10 +47,7 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     """Ray Tune's trainable: ``config`` holds the trial's value of each path of the space."""
     from ray import tune
 
-    from pipeline.cli import JobError
     from pipeline.sweep.report import ValidationReport
-    from pipeline.tracking import TrackedRun
-    from pipeline.train import launch
 
     t0 = time.time()
     sw = job.settings.sweep
@@ -71,8 +73,8 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     shown = ", ".join(f"{k}={v}" for k, v in values.items())
     print(f"[sweep] trial {name} ({shown}): {'resuming its run' if settings.train.resume else 'training'}", flush=True)
     try:
-        launch.launch(settings, run_id, callbacks=[ValidationReport()], register_model=False)
-    except JobError as e:  # fit() has ended the run FAILED, with the reason
+        launch.launch(settings, run_id, callbacks=[ValidationReport()])
+    except TrainingFailed as e:  # fit() has ended the run FAILED, with the reason
         raise TrialFailed(str(e)) from None
     tune.report(evaluate_trial(settings, job, run_id) | {"wall_s": time.time() - t0})
 
@@ -80,10 +82,6 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
 def evaluate_trial(settings, job: TrialJob, run_id: str) -> dict[str, Any]:
     """The evaluation of a finished trial's run, into its MLflow run; returns the trial's final result."""
     import ray
-
-    from pipeline.config import SampleConfig
-    from pipeline.sample.evaluate import SampleSettings
-    from pipeline.tracking import TrackedRun, end_run
 
     sw = job.settings.sweep
     n = sw.eval_images
@@ -127,6 +125,5 @@ def evaluate_trial(settings, job: TrialJob, run_id: str) -> dict[str, Any]:
 
 
 def _evaluate(s, run_name: str) -> dict[str, Any]:
-    from pipeline.sample.evaluate import evaluate
 
     return evaluate(s, log=lambda line: print(f"[sweep] {run_name}: {line}", flush=True))

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from pipeline.config import ConfigError
 from pipeline.data.errors import ShardError
+from pipeline.errors import JobError
 
 
 class NotRetryable(RuntimeError):
     """A failure that a restart from the last checkpoint would only repeat."""
+
+
+class TrainingFailed(JobError):
+    """The training run failed for good (its MLflow run is marked FAILED with the reason)."""
 
 
 PERMANENT = (NotRetryable, ShardError, ConfigError)

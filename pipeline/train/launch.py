@@ -10,14 +10,16 @@ import os
 import time
 import uuid
 
+from pipeline import cluster
 from pipeline.config import ConfigError, Settings
+from pipeline.data.manifest import check_matches, open_manifest
 from pipeline.data.storage import filesystem
+from pipeline.tracking import find_or_create_run
 from pipeline.train import lease
+from pipeline.train.checkpointer import Session
 from pipeline.train.hosts import check_reachable, driver_login, endpoints, gather_rank_hosts, worker_env_vars
-
-
-class DeviceError(ConfigError):
-    """The settings ask for a device the cluster cannot give."""
+from pipeline.train.loop import train_worker
+from pipeline.train.run_storage import RunStorage
 
 
 def name_run(settings: Settings) -> None:
@@ -31,7 +33,6 @@ def preflight(settings: Settings) -> str | None:
     new or resumed on purpose, the cluster has the devices asked for, no other job trains the run;
     ``ConfigError`` otherwise), then find or create the MLflow run. Returns its id (None: untracked).
     The run's lease (pipeline/train/lease.py) is held from here until ``launch`` returns."""
-    from pipeline.data.manifest import check_matches, open_manifest
 
     name, where = settings.train.run_name, settings.storage.checkpoint_url
     try:
@@ -54,7 +55,6 @@ def preflight(settings: Settings) -> str | None:
         raise ConfigError(f"error: a run named {name!r} now exists under {where}; choose another --train.run-name")
     if not settings.tracking.uri:
         return None
-    from pipeline.tracking import find_or_create_run
 
     try:
         return find_or_create_run(settings.tracking.uri, settings.tracking.experiment, name)
@@ -72,22 +72,11 @@ def run_exists(settings: Settings, run_name: str) -> bool:
 
 def choose_device(settings: Settings, gpus: float) -> bool:
     """True if the workers get a GPU each on a cluster with ``gpus`` GPUs; refuses what cannot work."""
-    mode, workers = settings.cluster.use_gpu, settings.cluster.max_workers
-    # Ray would wait for missing GPUs for ever (Train retries the worker-group start without limit).
-    if mode == "yes" and gpus < workers:
-        raise DeviceError(
-            f"cluster.use_gpu=yes asks for {workers} GPU worker(s) but the cluster has {gpus:g} GPU(s); "
-            "use --cluster.use-gpu auto or no, or fewer --cluster.num-workers"
-        )
-    if mode == "auto" and 0 < gpus < workers:
-        fit = max(k for k in range(1, int(gpus) + 1) if settings.train.batch_size % k == 0)
-        raise DeviceError(
-            f"cluster.use_gpu=auto: the cluster has {gpus:g} GPU(s) for {workers} workers of one GPU each; "
-            f"pass --cluster.num-workers {fit} to train on the GPU(s), or --cluster.use-gpu no for CPU workers"
-        )
-    use_gpu = mode == "yes" or (mode == "auto" and gpus >= workers)
+    workers = settings.cluster.max_workers
+    fit = max((k for k in range(1, int(gpus) + 1) if settings.train.batch_size % k == 0), default=None)
+    use_gpu, _ = cluster.choose_device(settings.cluster.use_gpu, gpus, workers, suggest=fit)
     if settings.train.precision == "bf16" and not use_gpu:
-        raise DeviceError(
+        raise cluster.DeviceError(
             "train.precision=bf16 needs GPU workers, and these run on CPU (bf16 autocast is about 300x "
             "slower than fp32 on CPUs); use --train.precision fp32"
         )
@@ -96,20 +85,16 @@ def choose_device(settings: Settings, gpus: float) -> bool:
 
 def connect_and_choose_device(settings: Settings) -> bool:
     """Connect to the cluster, then ``choose_device`` for its GPUs."""
-    from pipeline.cluster import connect
-
-    connect(settings.cluster.address)
+    cluster.connect(settings.cluster.address)
     import ray
 
     return choose_device(settings, ray.cluster_resources().get("GPU", 0))
 
 
-def launch(
-    settings: Settings, mlflow_run_id: str | None, *, callbacks: list | None = None, register_model: bool = True
-):
+def launch(settings: Settings, mlflow_run_id: str | None, *, callbacks: list | None = None):
     """Run the TorchTrainer for ``train.run_name`` on the cluster of ``settings.cluster``; returns Ray
-    Train's Result. ``callbacks``: Ray Train callbacks of the run (a sweep's report to Ray Tune);
-    ``register_model``: a finished run adds a version to its registered model (a sweep's trials do not)."""
+    Train's Result (a failed run raises ``TrainingFailed``). ``callbacks``: Ray Train callbacks of the
+    run (a sweep's report to Ray Tune)."""
     from pipeline.train.policy import fit
 
     use_gpu = connect_and_choose_device(settings)
@@ -120,18 +105,9 @@ def launch(
         each = "one GPU" if use_gpu else f"{settings.cluster.threads_per_worker} CPU"
         print(f"waiting for {settings.cluster.num_workers} Ray Train workers ({each} each) to start ...", flush=True)
         trainer.waiting_for = f"{settings.cluster.num_workers} worker(s) of {each}"
-        result = fit(trainer, settings.tracking.uri, mlflow_run_id)
+        return fit(trainer, settings.tracking.uri, mlflow_run_id)
     finally:
         lease.release(run_name)
-    if register_model and mlflow_run_id and result.error is None:  # a failed or diverged run registers nothing
-        from pipeline.sample.model import register
-        from pipeline.tracking import TrackingError
-
-        try:
-            register(settings, mlflow_run_id)
-        except TrackingError as e:  # the run and its checkpoints are there; only the registry entry is missing
-            print(f"WARNING: {e}", flush=True)
-    return result
 
 
 def _trainer(settings: Settings, mlflow_run_id: str | None, use_gpu: bool, callbacks: list | None):
@@ -198,10 +174,6 @@ def run_page(settings: Settings, mlflow_run_id: str) -> str:
 def _worker(config: dict) -> None:
     """Entry point of each Ray Train worker: ``train_worker`` with a Session over the run's storage."""
     import ray.train
-
-    from pipeline.train.checkpointer import Session
-    from pipeline.train.loop import train_worker
-    from pipeline.train.run_storage import RunStorage
 
     _quiet_ray_reports()
     settings = Settings.model_validate(config["settings"])

@@ -17,7 +17,8 @@ import os
 import torch
 
 from pipeline.config import Settings
-from pipeline.tracking import NOTE_TAG
+from pipeline.data.reader import ShardReader
+from pipeline.tracking import NOTE_TAG, Tracker
 from pipeline.train import dist
 from pipeline.train.checkpointer import Checkpointer, Session
 from pipeline.train.elastic import log_world_size, step_inputs
@@ -29,7 +30,6 @@ from pipeline.train.validate import Validator
 
 def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None = None) -> dict:
     """One worker's whole run. Returns its step count, images seen and timing summary (on every rank)."""
-    from pipeline.data.reader import ShardReader
 
     t, rank, world = settings.train, dist.rank(), dist.world_size()
     device = use_device(settings)
@@ -201,7 +201,6 @@ def use_device(settings: Settings) -> torch.device:
 
 
 def _tracker(uri: str, run_id: str):
-    from pipeline.tracking import Tracker
 
     return Tracker(uri, run_id)
 

@@ -10,7 +10,8 @@ import ray
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
-from pipeline.train.failures import failure_reason, permanent_cause
+from pipeline.tracking import end_run
+from pipeline.train.failures import TrainingFailed, failure_reason, permanent_cause
 
 TESTED = "ray 2.60 (pyproject.toml pins the minor version)"
 try:  # Ray Train's failure policies are internal: a Ray that moved them is refused by name
@@ -78,9 +79,7 @@ class Trainer(TorchTrainer):
 
 def fit(trainer: Trainer, tracking_uri: str | None, mlflow_run_id: str | None):
     """``trainer.fit()``; a failed run ends its MLflow run FAILED (an interrupt or SIGTERM: KILLED) with
-    the reason as a tag, and raises ``JobError`` with that one line."""
-    from pipeline.cli import JobError
-    from pipeline.tracking import end_run
+    the reason as a tag, and raises ``TrainingFailed`` with that one line."""
 
     def end(status: str, reason: str) -> None:
         if tracking_uri and mlflow_run_id:
@@ -97,7 +96,7 @@ def fit(trainer: Trainer, tracking_uri: str | None, mlflow_run_id: str | None):
     except TrainingFailedError as e:
         reason = failure_reason(e)
         end("FAILED", reason)
-        raise JobError(f"training failed: {reason}") from e
+        raise TrainingFailed(f"training failed: {reason}") from e
     except KeyboardInterrupt as e:
         end("KILLED", f"interrupted ({e or 'SIGINT'})")
         raise

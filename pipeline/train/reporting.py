@@ -14,6 +14,7 @@ import torch
 
 from pipeline.checkpoint import checkpoint_name
 from pipeline.config import Settings
+from pipeline.data.manifest import open_manifest
 from pipeline.ddpm.sampler import sample, to_uint8
 from pipeline.grid import grid_png
 from pipeline.tracking import NOTE_TAG
@@ -48,7 +49,6 @@ def log_run_start(tracker, settings: Settings, reader, world: int) -> None:
 
 def datasets(settings: Settings, reader) -> list[tuple[str, str, str, str]]:
     """(name, URL, digest, context) of the training split and, when the data has one, the evaluation split."""
-    from pipeline.data.manifest import open_manifest
 
     out = [(f"{settings.data.url}/train", reader.manifest.base_url, reader.manifest.digest, "training")]
     try:

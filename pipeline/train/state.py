@@ -308,11 +308,3 @@ def _masked_ema_update(ema: EMA, model: nn.Module, applied: torch.Tensor) -> Non
     for eb, b in zip(ema.model.buffers(), model.buffers(), strict=True):
         eb.copy_(torch.where(applied, b, eb))
     ema.num_updates = n + applied
-
-
-def model_for_sampling(state: dict, *, ema: bool = True) -> nn.Module:
-    """Rebuild the U-Net from a checkpoint dict (EMA weights by default), in eval mode."""
-    model = UNet(UNetConfig.from_dict(state["unet"]))
-    weights = state["ema"]["model"] if ema else state["model"]
-    model.load_state_dict(weights)
-    return model.eval().requires_grad_(False)

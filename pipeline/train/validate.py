@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import Settings
+from pipeline.data import load_split_arrays
 from pipeline.train.state import TrainState
 
 NOISE_SEED = 20_200_619  # fixed: the set must not depend on the run's seed, so runs are comparable
@@ -24,7 +25,6 @@ NOISE_SEED = 20_200_619  # fixed: the set must not depend on the run's seed, so 
 
 class Validator:
     def __init__(self, state: TrainState, settings: Settings) -> None:
-        from pipeline.data import load_split_arrays
 
         self.state, self.every = state, settings.train.validate_every_images
         self.last: float | None = None

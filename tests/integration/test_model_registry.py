@@ -1,8 +1,8 @@
 """The trained model as a registered MLflow Model, on the real local stack. No mocks.
 
 Two tiny U-Nets are trained in-process on the digits (a good one, 100 steps, and a poor one, 3 steps)
-and logged and registered the way the training job does (``pipeline.sample.local_run`` calls the
-launcher's ``pipeline.sample.model.register``): versions 1 and 2 of one registered model. The module
+and logged and registered the way the training job does (``benchmarks.local_run`` calls the
+training job's ``pipeline.registry.register``): versions 1 and 2 of one registered model. The module
 then loads a version by ``models:/`` URI in a fresh Python process, evaluates versions with
 ``jobs/sample.py --model ... --promote champion``, and asks for what does not exist.
 """
@@ -20,9 +20,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from benchmarks import local_run
 from jobs import prepare_data
 from jobs import sample as sample_job
-from pipeline.sample import evaluate, local_run
+from pipeline.registry import evaluate_model
+from pipeline.sample.evaluate import evaluate
+from pipeline.sample.settings import SampleSettings
 
 pytestmark = pytest.mark.stack
 
@@ -75,7 +78,8 @@ def _client(uri):
 
 
 def _evaluate(*args) -> dict:
-    return evaluate.evaluate(evaluate.SampleSettings.from_cli([*FAST, *args]))
+    s = SampleSettings.from_cli([*FAST, *args])
+    return evaluate_model(s) if s.model else evaluate(s)
 
 
 def _npz_images(uri, run_id, summary, tmp_path) -> np.ndarray:

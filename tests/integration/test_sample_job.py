@@ -2,7 +2,7 @@
 
 The module trains a ``tiny`` U-Net for a few seconds on the digits (written to the test S3 by the
 data layer's prepare_data job) with a 100-step schedule, logs it as the training job does (tag,
-params, config.json, checkpoints/images_<N>.pt; ``pipeline.sample.local_run``), then evaluates it.
+params, config.json, checkpoints/images_<N>.pt; ``benchmarks.local_run``), then evaluates it.
 What needs no stack is in tests/unit/sample.
 """
 
@@ -24,9 +24,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import local_run
 from jobs import prepare_data
 from jobs import sample as sample_job
-from pipeline.sample import evaluate, local_run
+from pipeline.sample import evaluate
+from pipeline.sample.settings import SampleSettings
 from tests.integration.ui import logged_in
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,9 +66,8 @@ def _client(uri):
     return MlflowClient(uri)
 
 
-def _evaluate(trained, *args, after_batch=None) -> dict:
-    s = evaluate.SampleSettings.from_cli(["--run-id", trained.run_id, *FAST, *args])
-    return evaluate.evaluate(s, after_batch=after_batch)
+def _evaluate(trained, *args) -> dict:
+    return evaluate.evaluate(SampleSettings.from_cli(["--run-id", trained.run_id, *FAST, *args]))
 
 
 def _npz(trained, summary, tmp_path) -> dict[str, np.ndarray]:
@@ -79,11 +80,10 @@ def _npz(trained, summary, tmp_path) -> dict[str, np.ndarray]:
 
 def _expected(trained, seeds) -> np.ndarray:
     """The images of ``seeds`` computed here, in this process, as an actor computes them."""
-    from pipeline.checkpoint import load_sampling_export, sampling_export
+    from pipeline.checkpoint import load_sampling_export, model_for_sampling, sampling_export
     from pipeline.ddpm.sampler import SamplerOptions, sample, to_uint8
     from pipeline.ddpm.schedule import NoiseSchedule
     from pipeline.sample.pool import FixedShapeCalls
-    from pipeline.train.state import model_for_sampling
 
     state = load_sampling_export(sampling_export(trained.state.state_dict()))
     model = FixedShapeCalls(model_for_sampling(state, ema=True), CHUNK)
@@ -147,21 +147,39 @@ def test_fanout_is_seed_addressed_and_lands_in_the_run(trained, tmp_path):
     assert doc["cost"]["workers"] == 1 and two["metrics"]["eval/ddim10-ema/workers"] == 2
 
 
+def _sampling_actor_pids() -> list[int]:
+    """PIDs of this machine's sampling actors, found as an operator would: by Ray's process title."""
+    import psutil
+
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if (p.info["cmdline"] or [""])[0].startswith("ray::SamplerWorker")
+    ]
+
+
 @pytest.mark.stack
-def test_killed_actor_batches_are_rerun_every_seed_once(trained, tmp_path):
+def test_killed_actor_batches_are_rerun_every_seed_once(trained, tmp_path, monkeypatch):
     killed: list[int] = []
 
-    def crash_one_actor(pool, batch):
-        if not killed:
-            pid = pool.actor_pids()[0]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+    class CrashAfterFirstBatch(evaluate.SamplingPool):
+        """The job's pool, with one actor SIGKILLed from outside once the first batch is in."""
 
+        def run(self, batches, on_result):
+            def first_then_crash(batch, images):
+                on_result(batch, images)
+                if not killed:
+                    pid = _sampling_actor_pids()[0]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+            return super().run(batches, first_then_crash)
+
+    monkeypatch.setattr(evaluate, "SamplingPool", CrashAfterFirstBatch)
     out = _evaluate(
         trained,
         *("--num-images", "24", "--batch-size", "3", "--workers", "2", "--first-seed", "100", "--no-quality"),
         *("--name", "crash"),
-        after_batch=crash_one_actor,
     )
     assert killed
     assert out["metrics"]["eval/ddim10-ema/actor_failures"] == 1

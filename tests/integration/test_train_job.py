@@ -154,8 +154,7 @@ def test_two_worker_run_checkpoints_and_tracks(stack, uninterrupted):
     ckpts = [a for a in arts if a.startswith("checkpoints/images_") and a.endswith(".pt")]
     assert len(ckpts) == 3, arts  # 640, 1280 and the final one, each loadable for sampling
     local = client.download_artifacts(run.info.run_id, ckpts[-1])
-    from pipeline.checkpoint import load_sampling_export
-    from pipeline.train.state import model_for_sampling
+    from pipeline.checkpoint import load_sampling_export, model_for_sampling
 
     state = load_sampling_export(local)
     assert state["images_seen"] >= 1600 and state["schedule"]["num_timesteps"] == 100

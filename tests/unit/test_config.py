@@ -139,7 +139,8 @@ def test_readme_configuration_reference_is_current():
     ],
 )
 def test_device_choice_for_the_clusters_gpus(flags, gpus, expect):
-    from pipeline.train.launch import DeviceError, choose_device
+    from pipeline.cluster import DeviceError
+    from pipeline.train.launch import choose_device
 
     settings = Settings.from_cli(["--cluster.num-workers", "2", *flags])
     if isinstance(expect, str):

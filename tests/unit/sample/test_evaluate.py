@@ -12,7 +12,8 @@ import pytest
 from jobs import sample as sample_job
 from pipeline.config import Settings
 from pipeline.ddpm.sampler import SamplerOptions
-from pipeline.sample.evaluate import SampleSettings, sampler_tag
+from pipeline.sample.plan import sampler_tag
+from pipeline.sample.settings import SampleSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import Settings
+from pipeline.registry import model_name
 from pipeline.sample import model as pyfunc_model
 
 SCHEDULE = {"kind": "linear", "num_timesteps": 100, "beta_start": 1e-3, "beta_end": 0.2, "cosine_s": 0.008}
@@ -77,8 +78,8 @@ def test_seeds_from_frames_arrays_and_lists():
 
 def test_registered_name_defaults_to_the_dataset():
     s = Settings.from_cli(["--data.url", "s3://ddpm-data/digits/"])
-    assert pyfunc_model.model_name(s) == "ddpm-digits"
-    assert pyfunc_model.model_name(Settings.from_cli(["--train.register-as", "mine"])) == "mine"
+    assert model_name(s) == "ddpm-digits"
+    assert model_name(Settings.from_cli(["--train.register-as", "mine"])) == "mine"
     with pytest.raises(Exception, match="register_as"):
         Settings.from_cli(["--train.register-as", "a/b"])
 

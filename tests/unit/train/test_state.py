@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from pipeline.checkpoint import model_for_sampling
 from pipeline.ddpm.sampler import SamplerOptions, sample
 from pipeline.ddpm.schedule import NoiseSchedule
 from pipeline.ddpm.unet import preset
-from pipeline.train.state import OptimConfig, TrainState, lr_at, model_for_sampling
+from pipeline.train.state import OptimConfig, TrainState, lr_at
 from tests.unit.train.helpers import batch, tiny_state
 
 

@@ -117,7 +117,7 @@ def log_as_training_run(
         tracker.log_checkpoint(state.images_seen, sampling_export(state.state_dict()))
     tracker.close(status="FINISHED")
     if register_as:
-        from pipeline.sample.model import register
+        from pipeline.registry import register
 
         register(settings, run_id)
     return run_id
