@@ -194,6 +194,10 @@ class TrainConfig(Section):
     def _resume_needs_name(self) -> TrainConfig:
         if self.resume and not self.run_name:
             raise ValueError("train.resume needs train.run_name: name the run to continue")
+        return self
+
+    @model_validator(mode="after")
+    def _cosine_after_warmup(self) -> TrainConfig:
         if self.lr_schedule == "cosine" and self.total_images <= self.warmup_images:
             raise ValueError(
                 f"train.lr_schedule=cosine needs train.total_images ({self.total_images}) > "

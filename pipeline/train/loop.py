@@ -13,6 +13,7 @@ Rank 0 also reads its loss once per ``train.progress_every_s`` for the operator'
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 
 import torch
 
@@ -167,26 +168,9 @@ def reached(every: int, before: int, after: int) -> bool:
 
 
 def optim_config(s: Settings) -> OptimConfig:
-    t = s.train
-    return OptimConfig(
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        warmup_images=t.warmup_images,
-        lr_schedule=t.lr_schedule,
-        min_lr_ratio=t.min_lr_ratio,
-        total_images=t.total_images,
-        grad_clip=t.grad_clip,
-        ema_decay=t.ema_decay,
-        ema_warmup=t.ema_warmup,
-        objective=s.diffusion.objective,
-        loss_weighting=t.loss_weighting,
-        min_snr_gamma=t.min_snr_gamma,
-        precision=t.precision,
-        channels_last=t.channels_last,
-        compile=t.compile,
-        compile_mode=t.compile_mode,
-        fused_adamw=t.fused_adamw,
-    )
+    """``OptimConfig`` from the settings: the ``train`` fields it names, and the diffusion objective."""
+    names = {f.name for f in fields(OptimConfig)} - {"objective"}
+    return OptimConfig(**s.train.model_dump(include=names), objective=s.diffusion.objective)
 
 
 def use_device(settings: Settings) -> torch.device:

@@ -30,12 +30,16 @@ from pipeline.train.parallelize import parallelize
 
 @dataclass
 class OptimConfig:
+    """The optimizer's and the step's settings: ``TrainConfig``'s fields of these names (the training
+    job derives it, ``pipeline.train.loop.optim_config``) plus the objective; the defaults are the
+    same (tested), for callers without the settings (benchmarks)."""
+
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_images: int = 10_000
     lr_schedule: str = "constant"  # "constant" | "cosine" (to min_lr_ratio * lr at total_images)
     min_lr_ratio: float = 0.0
-    total_images: int = 0  # the cosine's end; required by lr_schedule="cosine"
+    total_images: int = 200_000  # the cosine's end
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -86,7 +90,7 @@ def lr_at(images_seen: int, cfg: OptimConfig) -> float:
         return cfg.lr
     if cfg.lr_schedule != "cosine":
         raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; expected 'constant' or 'cosine'")
-    if cfg.total_images <= cfg.warmup_images:
+    if cfg.total_images <= cfg.warmup_images:  # the settings refuse it first (TrainConfig), naming the flags
         raise ValueError(
             f"lr_schedule='cosine' needs total_images ({cfg.total_images}) > warmup_images ({cfg.warmup_images})"
         )

@@ -189,3 +189,19 @@ def test_resume_applies_this_runs_optimizer_settings():
     b = tiny_state(weight_decay=0.05)
     b.load_state_dict(saved)
     assert [g["weight_decay"] for g in b.opt.param_groups] == [0.05]
+
+
+def test_optim_config_is_the_train_settings_of_its_names():
+    """Derived, not copied: every OptimConfig field but the objective is a TrainConfig field, with the
+    same default, and the job's OptimConfig carries the settings' values."""
+    from dataclasses import fields
+
+    from pipeline.config import Settings, TrainConfig
+    from pipeline.train.loop import optim_config
+
+    for f in fields(OptimConfig):
+        if f.name != "objective":
+            assert f.default == TrainConfig.model_fields[f.name].default, f.name
+    s = Settings.from_cli(["--train.lr", "3e-3", "--train.fused-adamw", "--diffusion.objective", "v"])
+    cfg = optim_config(s)
+    assert (cfg.lr, cfg.fused_adamw, cfg.objective, cfg.total_images) == (3e-3, True, "v", s.train.total_images)
