@@ -166,10 +166,8 @@ def export_keys(s: SweepSettings) -> None:
 
 def run_sweep(s: SweepSettings, prep: Prepared) -> int:
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipeline.sweep.scheduler import Asha, SweepCallback, ran_callback
-    from pipeline.sweep.space import to_tune
+    from pipeline.sweep.scheduler import ran_callback
     from pipeline.sweep.trial import TrialJob, run_trial
 
     sw, name, uri = s.sweep, s.sweep.name, s.tracking.uri
@@ -183,47 +181,7 @@ def run_sweep(s: SweepSettings, prep: Prepared) -> int:
     )
     parent = TrackedRun(uri, prep.parent_run_id)
     parent.set_status("RUNNING")
-    if prep.resume:
-        print(f"[sweep] resuming sweep {name!r} from {state_url(s)}/{name}", flush=True)
-        tuner = tune.Tuner.restore(
-            prep.state_path(name),
-            trainable,
-            resume_unfinished=True,
-            resume_errored=False,
-            restart_errored=sw.retry_failed,
-            storage_filesystem=prep.state_fs,
-        )
-    else:
-        scheduler = (
-            Asha(sw.stop_metric, sw.grace_images, s.train.total_images, sw.reduction_factor)
-            if sw.stop_metric != "none"
-            else None
-        )
-        if scheduler:
-            rungs = ", ".join(f"{m:,}" for m in scheduler.milestones())
-            print(
-                f"[sweep] ASHA on {sw.stop_metric}: rungs at {rungs} images (budget {s.train.total_images:,})",
-                flush=True,
-            )
-        callback = SweepCallback(uri, s.tracking.experiment, name, scheduler, [p.path for p in prep.space.params])
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune(prep.space),
-            tune_config=tune.TuneConfig(
-                num_samples=sw.num_samples,
-                scheduler=scheduler,
-                # the searcher holds the concurrency limit (Tune ignores max_concurrent_trials beside one)
-                search_alg=BasicVariantGenerator(max_concurrent=sw.max_concurrent, random_state=sw.seed),
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=prep.state_root,
-                storage_filesystem=prep.state_fs,
-                callbacks=[callback],
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                verbose=1,
-            ),
-        )
+    tuner = _tuner(s, prep, trainable)
     t0 = time.time()
     with _sigterm_as_sigint() as interrupted:
         tuner.fit()
@@ -245,6 +203,60 @@ def run_sweep(s: SweepSettings, prep: Prepared) -> int:
     print(f"SWEEP_RUN_ID={prep.parent_run_id}")
     print(f"SWEEP_NAME={name}")
     return 0
+
+
+def _tuner(s: SweepSettings, prep: Prepared, trainable):
+    """A new Tuner for the sweep, or the interrupted one restored from its saved state."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from pipeline.sweep.scheduler import Asha, SweepCallback
+    from pipeline.sweep.space import to_tune
+
+    sw, name = s.sweep, s.sweep.name
+    if prep.resume:
+        print(f"[sweep] resuming sweep {name!r} from {state_url(s)}/{name}", flush=True)
+        return tune.Tuner.restore(
+            prep.state_path(name),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=sw.retry_failed,
+            storage_filesystem=prep.state_fs,
+        )
+    else:
+        scheduler = (
+            Asha(sw.stop_metric, sw.grace_images, s.train.total_images, sw.reduction_factor)
+            if sw.stop_metric != "none"
+            else None
+        )
+        if scheduler:
+            rungs = ", ".join(f"{m:,}" for m in scheduler.milestones())
+            print(
+                f"[sweep] ASHA on {sw.stop_metric}: rungs at {rungs} images (budget {s.train.total_images:,})",
+                flush=True,
+            )
+        callback = SweepCallback(
+            s.tracking.uri, s.tracking.experiment, name, scheduler, [p.path for p in prep.space.params]
+        )
+        return tune.Tuner(
+            trainable,
+            param_space=to_tune(prep.space),
+            tune_config=tune.TuneConfig(
+                num_samples=sw.num_samples,
+                scheduler=scheduler,
+                # the searcher holds the concurrency limit (Tune ignores max_concurrent_trials beside one)
+                search_alg=BasicVariantGenerator(max_concurrent=sw.max_concurrent, random_state=sw.seed),
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=prep.state_root,
+                storage_filesystem=prep.state_fs,
+                callbacks=[callback],
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                verbose=1,
+            ),
+        )
 
 
 class _sigterm_as_sigint:

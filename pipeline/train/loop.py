@@ -31,55 +31,18 @@ from pipeline.train.validate import Validator
 
 def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None = None) -> dict:
     """One worker's whole run. Returns its step count, images seen and timing summary (on every rank)."""
-
-    t, rank, world = settings.train, dist.rank(), dist.world_size()
-    device = use_device(settings)
-    state = TrainState(
-        settings.unet_config(),
-        settings.diffusion.build(),
-        optim_config(settings),
-        device=device,
-        seed=t.seed,
-        rank=rank,
-    )
-    reader = ShardReader(
-        settings.data,
-        settings.storage,
-        split="train",
-        rank=rank,
-        world_size=world,
-        batch_size=t.batch_size,
-        seed=t.seed,
-        device=device.type,
-    )
-    tracking = bool(settings.tracking.uri and mlflow_run_id)
-    tracker = _tracker(settings.tracking.uri, mlflow_run_id) if tracking and rank == 0 else None
-    if tracker:
-        tracker.start_system_metrics()
-    checkpoints = Checkpointer(state, reader, session, tracker)
-    metrics = MetricLogger(tracker, tracking=tracking, num_timesteps=state.schedule.num_timesteps)
-    grids = GridLogger(state, settings, tracker)
-    guard = NanGuard(t.max_bad_steps, device)
-    validator = Validator(state, settings)
-
-    restored = checkpoints.restore()
-    resumed = restored is not None
-    if not resumed:
-        log_run_start(tracker, settings, reader, world)
-    log_world_size(tracker, world, state.images_seen, checkpoints.saved_world, restored)
-    where = f"resumed at {state.images_seen} images" if resumed else "starting"
-    share = f"partitions {reader.owned.start}-{reader.owned.stop - 1} of {reader.partitions}"
-    _say(rank, f"{where}; world_size={world}, rank 0 reads {share}, device {device}")
+    w = Worker(settings, session, mlflow_run_id)
+    w.start()
+    t, state = settings.train, w.state
     shape = dict(
-        world_size=world,
-        partitions=reader.partitions,
+        world_size=w.world,
+        partitions=w.reader.partitions,
         max_workers=settings.cluster.max_workers,
         grad_accum=t.grad_accum,
     )
-
     timer = StepTimer()
-    progress = Progress(t.total_images, t.progress_every_s, state.images_seen) if rank == 0 else None
-    batches = reader.stream()
+    progress = Progress(t.total_images, t.progress_every_s, state.images_seen) if w.rank == 0 else None
+    batches = w.reader.stream()
     while state.images_seen < t.total_images:
         batch = next(batches)
         r = state.train_step(**step_inputs(state, batch, **shape))
@@ -88,50 +51,110 @@ def train_worker(settings: Settings, session: Session, mlflow_run_id: str | None
         state.images_seen += images
         state.samples_skipped += skipped
         timer.stepped(images, state.images_seen)
-        guard.observe(r.finite)
+        w.guard.observe(r.finite)
 
         done = state.images_seen >= t.total_images
         log_now = done or state.step_count % t.log_every_steps == 0
         save_now = done or reached(t.checkpoint_every_images, before, state.images_seen)
         grid_now = done or reached(t.sample_every_images, before, state.images_seen)
-        if (log_now or save_now or grid_now) and (bad := guard.tripped()):
-            _say(rank, f"{bad} non-finite steps in a row: rolling back to the last checkpoint")
+        if (log_now or save_now or grid_now) and (bad := w.guard.tripped()):
             batches.close()  # stops this stream's DataLoader workers before the rewound one starts
-            if checkpoints.restore() is None:
-                raise NotRetryable(  # a restart would start from the same weights and diverge again
-                    f"training diverged ({bad} non-finite steps in a row at {state.images_seen} images) "
-                    "and there is no checkpoint to roll back to; lower --train.lr or raise --train.warmup-images"
-                )
-            guard.reset()
-            batches = reader.stream()
+            w.roll_back(bad)
+            batches = w.reader.stream()
             continue
         if log_now:
             with timer.side("tracking"):
-                metrics.log(state, r, images, batch.epoch, timer.window_images_per_s())
-        if validator.every and (done or validator.due(before, state.images_seen)):
+                w.metrics.log(state, r, images, batch.epoch, timer.window_images_per_s())
+        if w.validator.every and (done or w.validator.due(before, state.images_seen)):
             with timer.side("validate"):
-                val = {"val_loss": validator.loss(), "images_seen": state.images_seen}
-                if tracker:
-                    tracker.log_metrics({"val/loss": val["val_loss"]}, step=state.images_seen)
-                session.report(val, None, "")  # what a sweep's scheduler stops trials on
+                w.validate()
         if save_now:
             with timer.side("checkpoint"):
-                last_val = {} if validator.last is None else {"val_loss": validator.last}
-                checkpoints.save(timer.summary(state.images_seen) | last_val)
-                log_world_size(tracker, world, state.images_seen, None, None)
+                w.save(timer.summary(state.images_seen))
             if progress:
                 progress.checkpointed(state.images_seen)
         if grid_now:
             with timer.side("grid"):
-                grids.log()
+                w.grids.log()
         if progress and (done or progress.due()):
             progress.report(state.images_seen, float(r.per_sample.mean()))  # rank 0's loss: no collective
-
-    if tracker:
-        tracker.log_metrics(timer.overheads(), step=state.images_seen)
-        tracker.set_tags({NOTE_TAG: run_description(settings, reader, world, metrics.last_loss)})
-        tracker.close(status="FINISHED")
+    w.finish(timer)
     return {"images_seen": state.images_seen, "steps": state.step_count} | timer.summary(state.images_seen)
+
+
+class Worker:
+    """The parts of one worker's run, built once (as torchtitan's Trainer builds its components), and
+    what the loop asks of them besides the step: start, roll back, validate, save, finish."""
+
+    def __init__(self, settings: Settings, session: Session, mlflow_run_id: str | None) -> None:
+        t, self.rank, self.world = settings.train, dist.rank(), dist.world_size()
+        self.settings, self.session, self.device = settings, session, use_device(settings)
+        self.state = TrainState(
+            settings.unet_config(),
+            settings.diffusion.build(),
+            optim_config(settings),
+            device=self.device,
+            seed=t.seed,
+            rank=self.rank,
+        )
+        self.reader = ShardReader(
+            settings.data,
+            settings.storage,
+            split="train",
+            rank=self.rank,
+            world_size=self.world,
+            batch_size=t.batch_size,
+            seed=t.seed,
+            device=self.device.type,
+        )
+        tracking = bool(settings.tracking.uri and mlflow_run_id)
+        self.tracker = Tracker(settings.tracking.uri, mlflow_run_id) if tracking and self.rank == 0 else None
+        if self.tracker:
+            self.tracker.start_system_metrics()
+        self.checkpoints = Checkpointer(self.state, self.reader, session, self.tracker)
+        self.metrics = MetricLogger(self.tracker, tracking=tracking, num_timesteps=self.state.schedule.num_timesteps)
+        self.grids = GridLogger(self.state, settings, self.tracker)
+        self.guard = NanGuard(t.max_bad_steps, self.device)
+        self.validator = Validator(self.state, settings)
+
+    def start(self) -> None:
+        """Restore the newest usable checkpoint, or log the run's start."""
+        restored = self.checkpoints.restore()
+        if restored is None:
+            log_run_start(self.tracker, self.settings, self.reader, self.world)
+        state = self.state
+        log_world_size(self.tracker, self.world, state.images_seen, self.checkpoints.saved_world, restored)
+        where = f"resumed at {state.images_seen} images" if restored is not None else "starting"
+        share = f"partitions {self.reader.owned.start}-{self.reader.owned.stop - 1} of {self.reader.partitions}"
+        _say(self.rank, f"{where}; world_size={self.world}, rank 0 reads {share}, device {self.device}")
+
+    def roll_back(self, bad: int) -> None:
+        _say(self.rank, f"{bad} non-finite steps in a row: rolling back to the last checkpoint")
+        if self.checkpoints.restore() is None:
+            raise NotRetryable(  # a restart would start from the same weights and diverge again
+                f"training diverged ({bad} non-finite steps in a row at {self.state.images_seen} images) "
+                "and there is no checkpoint to roll back to; lower --train.lr or raise --train.warmup-images"
+            )
+        self.guard.reset()
+
+    def validate(self) -> None:
+        val = {"val_loss": self.validator.loss(), "images_seen": self.state.images_seen}
+        if self.tracker:
+            self.tracker.log_metrics({"val/loss": val["val_loss"]}, step=self.state.images_seen)
+        self.session.report(val, None, "")  # what a sweep's scheduler stops trials on
+
+    def save(self, summary: dict) -> None:
+        last_val = {} if self.validator.last is None else {"val_loss": self.validator.last}
+        self.checkpoints.save(summary | last_val)
+        log_world_size(self.tracker, self.world, self.state.images_seen, None, None)
+
+    def finish(self, timer: StepTimer) -> None:
+        if self.tracker:
+            self.tracker.log_metrics(timer.overheads(), step=self.state.images_seen)
+            self.tracker.set_tags(
+                {NOTE_TAG: run_description(self.settings, self.reader, self.world, self.metrics.last_loss)}
+            )
+            self.tracker.close(status="FINISHED")
 
 
 class NanGuard:
@@ -182,11 +205,6 @@ def use_device(settings: Settings) -> torch.device:
         return device
     torch.set_num_threads(settings.cluster.threads_per_worker)
     return torch.device("cpu")
-
-
-def _tracker(uri: str, run_id: str):
-
-    return Tracker(uri, run_id)
 
 
 def _say(rank: int, message: str) -> None:
