@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from pipeline.data.plan import derive_seed
 from pipeline.train.state import TrainState
 
@@ -71,8 +69,3 @@ def log_world_size(tracker, world_size: int, images_seen: int, previous: int | N
                 f" (resumed{where})"
             }
         )
-
-
-def same_weights_tolerance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """The largest absolute difference between two state dicts' float tensors (for tests and the docs)."""
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())

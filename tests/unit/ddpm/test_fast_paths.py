@@ -146,6 +146,7 @@ def test_math_attention_sampling_matches_sdpa():
     )
 
 
+@pytest.mark.slow  # dynamo traces the U-Net: 3-4 s on 2 idle cores, 10-20 s when they are shared
 def test_sampler_compile_mode_matches_eager_and_keeps_one_call_per_step():
     from torch._dynamo.utils import counters
 

@@ -22,6 +22,7 @@ def square_target() -> torch.Tensor:
     return x0
 
 
+@pytest.mark.slow  # 400 training steps, two 50-step samplings: 11-15 s on 2 idle cores, minutes when shared
 def test_tiny_model_overfits_the_square():
     torch.set_num_threads(2)
     schedule = NoiseSchedule("linear", 1000)
