@@ -1,9 +1,9 @@
 """Offline validation of deployment files: KubeRay manifests, built-in Kubernetes kinds, `ray up` configs.
 
-- RayJob / RayCluster: the KubeRay CRD's openAPIV3Schema (``../shared/kuberay-crds/`` or
-  $DDPM_KUBERAY_CRDS) with unknown fields rejected, then the rules KubeRay checks in its webhook and
-  controller rather than in the schema, then this project's own: GPUs = training workers, secrets only
-  through ``secretKeyRef``.
+- RayJob / RayCluster: the openAPIV3Schema of the KubeRay CRDs shipped in ``crds/`` (every supported
+  release, oldest to newest; see crds/README.md) with unknown fields rejected, then the rules KubeRay
+  checks in its webhook and controller rather than in the schema, then this project's own: GPUs =
+  training workers, secrets only through ``secretKeyRef``.
 - Secret, Service, ConfigMap, ...: ``kubernetes-validate``'s bundled schemas (strict).
 - `ray up` configs: Ray's own ``prepare_config`` + ``validate_config``, in a subprocess without a
   network (``unshare -n`` where it can be made) so that nothing reaches a cloud.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,11 +25,14 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from infra.deploy.job import entrypoint_settings
+from infra.deploy.job import entrypoint_kind, entrypoint_settings
 from infra.deploy.kuberay import ENTRYPOINT_ANNOTATION, GPU_RESOURCE
-from pipeline.config import REPO_ROOT, ConfigError
+from pipeline.config import ConfigError
 
-CRD_DIR_VAR = "DDPM_KUBERAY_CRDS"
+# Package data (infra/deploy/crds/), found next to this file in a checkout and in an installed wheel alike.
+CRD_ROOT = Path(__file__).resolve().parent / "crds"
+CRD_VERSIONS = ("1.6.0", "1.7.0")  # oldest supported (authOptions.secretName) .. newest, each a folder v<X.Y.Z>
+MIN_OPERATOR = CRD_VERSIONS[0]
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 RAYJOB_NAME_MAX = 47  # KubeRay derives the cluster's and submitter's names from it
@@ -43,8 +45,33 @@ class CheckError(ValueError):
     """A file failed validation; the message lists every problem found, one per line."""
 
 
-def crd_dir() -> Path:
-    return Path(os.environ.get(CRD_DIR_VAR) or REPO_ROOT.parent / "shared" / "kuberay-crds")
+def crd_dir(version: str = CRD_VERSIONS[-1]) -> Path:
+    return CRD_ROOT / f"v{version}"
+
+
+def parse_version(text: str, flag: str = "--operator-version") -> tuple[int, ...]:
+    try:
+        parts = tuple(int(p) for p in str(text).strip().removeprefix("v").split("."))
+    except ValueError:
+        parts = ()
+    if not 1 <= len(parts) <= 3:
+        raise ConfigError(f"{flag} {text!r}: expected a KubeRay release such as 1.6.0")
+    return parts + (0,) * (3 - len(parts))
+
+
+def crd_versions(operator_version: str | None = None) -> tuple[str, ...]:
+    """The shipped CRD releases to validate against: all of them, or the newest at or below the operator's
+    release. ``ConfigError`` naming --operator-version when it is older than the oldest supported one."""
+    if operator_version is None:
+        return CRD_VERSIONS
+    asked = parse_version(operator_version)
+    usable = [v for v in CRD_VERSIONS if parse_version(v) <= asked]
+    if not usable:
+        raise ConfigError(
+            f"--operator-version {operator_version}: the manifests need KubeRay >= {MIN_OPERATOR} "
+            "(spec.authOptions.secretName, the Ray token from a Secret, is not in older CRDs); upgrade the operator"
+        )
+    return (usable[-1],)
 
 
 def strict(schema: dict) -> dict:
@@ -70,14 +97,17 @@ def strict(schema: dict) -> dict:
 
 
 @functools.cache
-def crd_validator(kind: str) -> jsonschema.Draft7Validator:
-    return jsonschema.Draft7Validator(crd_schema(kind))
+def crd_validator(kind: str, version: str = CRD_VERSIONS[-1]) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(crd_schema(kind, version))
 
 
-def crd_schema(kind: str) -> dict:
-    path = crd_dir() / CRD_FILES[kind]
+def crd_schema(kind: str, version: str = CRD_VERSIONS[-1]) -> dict:
+    path = crd_dir(version) / CRD_FILES[kind]
     if not path.is_file():
-        raise CheckError(f"the KubeRay CRD for {kind} is not at {path}: set ${CRD_DIR_VAR} to the folder of the CRDs")
+        raise CheckError(
+            f"the KubeRay v{version} CRD for {kind} is not at {path}: the package was installed without its "
+            "data files (pyproject.toml's package-data lists infra/deploy/crds)"
+        )
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1 MB: libyaml
     for version in crd["spec"]["versions"]:
         if version["name"] == "v1":
@@ -92,8 +122,17 @@ def _path(parts) -> str:
     return out or "(document)"
 
 
-def schema_problems(doc: dict) -> list[str]:
-    validator = crd_validator(doc["kind"])
+def schema_problems(doc: dict, versions: tuple[str, ...] = CRD_VERSIONS) -> list[str]:
+    """Problems against each release's CRD; one that only some releases have names them."""
+    found = {v: _schema_problems(doc, crd_validator(doc["kind"], v)) for v in versions}
+    out: list[str] = []
+    for problem in dict.fromkeys(p for ps in found.values() for p in ps):
+        where = [v for v in versions if problem in found[v]]
+        out.append(problem if len(where) == len(versions) else f"{problem} (KubeRay v{', v'.join(where)})")
+    return out
+
+
+def _schema_problems(doc: dict, validator: jsonschema.Draft7Validator) -> list[str]:
     problems = []
     for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
         where = _path(e.absolute_path)
@@ -117,12 +156,17 @@ def _worker_groups(spec: dict, prefix: str):
 def kuberay_rule_problems(doc: dict) -> list[str]:
     """The KubeRay rules its webhook/controller enforce and the CRD schema does not carry."""
     problems = []
-    kind, name = doc["kind"], (doc.get("metadata") or {}).get("name", "")
+    kind, meta = doc["kind"], doc.get("metadata") or {}
     limit = RAYJOB_NAME_MAX if kind == "RayJob" else RAYCLUSTER_NAME_MAX
+    if "name" not in meta and isinstance(meta.get("generateName"), str):
+        # The API server appends 5 characters to generateName (`kubectl create`; `apply` needs a name).
+        field, name, shown = "metadata.generateName", meta["generateName"] + "x" * 5, meta["generateName"]
+    else:
+        field, name, shown = "metadata.name", meta.get("name", ""), meta.get("name", "")
     if not isinstance(name, str) or not DNS_1035.match(name):
-        problems.append(f"metadata.name: {name!r} is not a DNS-1035 label (lower-case letters, digits, '-')")
+        problems.append(f"{field}: {shown!r} is not a DNS-1035 label (lower-case letters, digits, '-')")
     elif len(name) > limit:
-        problems.append(f"metadata.name: {name!r} is {len(name)} characters; a {kind} name has at most {limit}")
+        problems.append(f"{field}: {shown!r} makes a name of {len(name)} characters; a {kind} name has at most {limit}")
     spec = doc.get("spec") or {}
     if kind == "RayJob":
         mode = spec.get("submissionMode")
@@ -187,8 +231,16 @@ def project_problems(doc: dict) -> list[str]:
         settings = entrypoint_settings(entrypoint)
     except ConfigError as e:
         return [*problems, f"{where_entry}: {e}"]
-    workers, use_gpu = settings.cluster.num_workers, settings.cluster.use_gpu
-    gpus, where_gpus = 0, []
+    use_gpu = settings.cluster.use_gpu
+    if entrypoint_kind(entrypoint) == "sample":
+        lo_workers = hi_workers = settings.workers or settings.cluster.max_workers
+        flag = "--workers"
+    else:
+        lo_workers, hi_workers = settings.cluster.min_workers, settings.cluster.max_workers
+        flag = "--cluster.num-workers"
+    asked = f"{lo_workers}-{hi_workers}" if lo_workers != hi_workers else str(hi_workers)
+    lo_gpus = hi_gpus = 0
+    where_gpus = []
     for where, c, group in _containers(cluster, prefix):
         limit = ((c.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE)
         if limit is None:
@@ -198,19 +250,26 @@ def project_problems(doc: dict) -> list[str]:
         except ValueError:
             problems.append(f"{where}.resources.limits.{GPU_RESOURCE}: {limit!r} is not a whole number of GPUs")
             continue
-        if "replicas" not in group:  # the head group: the job's workers never run there
+        if "replicas" not in group and "minReplicas" not in group:  # the head group: no training workers there
             problems.append(f"{where}.resources.limits.{GPU_RESOURCE}: the head takes no GPUs (num-gpus 0)")
             continue
-        replicas = group.get("replicas")
-        if isinstance(replicas, int):
-            gpus += per_pod * replicas
-            where_gpus.append(f"{replicas} x {per_pod}")
+        n, lo, hi = group.get("replicas"), group.get("minReplicas", group.get("replicas")), group.get("maxReplicas")
+        hi = n if hi is None or (isinstance(n, int) and lo == hi) else hi
+        if isinstance(lo, int) and isinstance(hi, int):
+            lo_gpus, hi_gpus = lo_gpus + per_pod * lo, hi_gpus + per_pod * hi
+            where_gpus.append(f"{lo} x {per_pod}" if lo == hi else f"{lo}..{hi} x {per_pod}")
     if use_gpu != "yes":
         problems.append(f"{where_entry}: --cluster.use-gpu is {use_gpu!r}; GPU pods need --cluster.use-gpu yes")
-    if gpus != workers:
+    if (lo_gpus, hi_gpus) != (lo_workers, hi_workers):
+        have = f"{lo_gpus}" if lo_gpus == hi_gpus else f"{lo_gpus}..{hi_gpus}"
         problems.append(
-            f"{prefix}.workerGroupSpecs: {gpus} GPU(s) in the worker pods ({' + '.join(where_gpus) or 'none'}) "
-            f"but {where_entry} asks for --cluster.num-workers {workers} (one GPU each)"
+            f"{prefix}.workerGroupSpecs: {have} GPU(s) in the worker pods ({' + '.join(where_gpus) or 'none'}) "
+            f"but {where_entry} asks for {flag} {asked} (one GPU each)"
+        )
+    if hi_gpus != lo_gpus and cluster.get("enableInTreeAutoscaling") is not True:
+        problems.append(
+            f"{prefix}.enableInTreeAutoscaling: an elastic worker group (minReplicas < maxReplicas) needs Ray's "
+            "autoscaler (true); without it KubeRay never adds the pods above minReplicas"
         )
     return problems
 
@@ -227,11 +286,11 @@ def builtin_problems(doc: dict) -> list[str]:
     return []
 
 
-def manifest_problems(doc: dict) -> list[str]:
+def manifest_problems(doc: dict, versions: tuple[str, ...] = CRD_VERSIONS) -> list[str]:
     if not isinstance(doc, dict) or "kind" not in doc:
         return ["(document): not a Kubernetes object (no kind)"]
     if doc["kind"] in CRD_FILES and str(doc.get("apiVersion", "")).startswith("ray.io/"):
-        problems = schema_problems(doc)
+        problems = schema_problems(doc, versions)
         problems += kuberay_rule_problems(doc)
         return problems + project_problems(doc)
     return builtin_problems(doc)
@@ -282,7 +341,7 @@ def is_ray_up_config(docs: list) -> bool:
     return len(docs) == 1 and isinstance(docs[0], dict) and "provider" in docs[0] and "kind" not in docs[0]
 
 
-def files_problems(paths: list[Path]) -> dict[Path, list[str]]:
+def files_problems(paths: list[Path], versions: tuple[str, ...] = CRD_VERSIONS) -> dict[Path, list[str]]:
     """Every problem of each file, each line starting with the file (an empty list: the file is valid)."""
     out: dict[Path, list[str]] = {}
     ray_up = []
@@ -298,14 +357,14 @@ def files_problems(paths: list[Path]) -> dict[Path, list[str]]:
         out[path] = []
         for i, doc in enumerate(docs):
             label = f"{path} (document {i + 1})" if len(docs) > 1 else f"{path}"
-            out[path] += [f"{label}: {p}" for p in manifest_problems(doc)]
+            out[path] += [f"{label}: {p}" for p in manifest_problems(doc, versions)]
     for path, problems in ray_up_problems(ray_up).items():
         out[path] = [f"{path}: {p}" for p in problems]
     return {p: out[p] for p in paths}
 
 
-def check_documents(docs: list[dict], label: str) -> None:
+def check_documents(docs: list[dict], label: str, versions: tuple[str, ...] = CRD_VERSIONS) -> None:
     """Raise ``CheckError`` listing every problem of rendered manifests (used before writing them)."""
-    problems = [f"{label}: {p}" for doc in docs for p in manifest_problems(doc)]
+    problems = [f"{label}: {p}" for doc in docs for p in manifest_problems(doc, versions)]
     if problems:
         raise CheckError("\n".join(problems))

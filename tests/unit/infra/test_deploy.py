@@ -17,6 +17,7 @@ from pipeline.config import ConfigError
 TRAIN = ["--cluster.num-workers", "4", "--model.preset", "cifar", "--data.image-size", "32", "--data.channels", "3"]
 TRAIN += ["--data.partitions", "4", "--data.hflip", "--model.channel-mult", "[1,2,2]", "--train.precision", "bf16"]
 TRAIN += ["--tracking.uri", "http://mlflow.ml:5000", "--storage.endpoint-url", "http://s3.ml:8333"]
+TRAIN += ["--data.url", "s3://my-data/cifar"]
 OPTS = kuberay.KubeRayOptions(name="ddpm-train", image="registry.example/ddpm:1", namespace="ml")
 WORKERS = "spec.rayClusterSpec.workerGroupSpecs[0]"
 
@@ -214,4 +215,5 @@ def test_node_env_file_carries_no_value_a_shell_would_reinterpret(job):
 
 
 def test_crd_folder_is_found():
-    assert (check.crd_dir() / "ray.io_rayjobs.yaml").is_file(), Path(check.crd_dir())
+    for version in check.CRD_VERSIONS:
+        assert (check.crd_dir(version) / "ray.io_rayjobs.yaml").is_file(), Path(check.crd_dir(version))
