@@ -27,15 +27,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #       ...
 #
 # The session stack lives in <repo>/.stack-test on the default ports + TEST_STACK_PORT_OFFSET
-# (S3 8433, MLflow 5100, Ray dashboard 8365, GCS 6479; DDPM_TEST_STACK_PORT_OFFSET picks another offset, for
-# two checkouts at once). A stack already running there is reused.
+# (S3 8433, MLflow 5100, Ray dashboard 8365, GCS 6479; DDPM_TEST_STACK_PORT_OFFSET picks another offset and
+# the state folder <repo>/.stack-test-<offset>, for two runs at once, in one checkout or two). A stack
+# already running there is reused.
 # Sessions running at the same time share it: each holds a lease (<state>/test-leases/<pid>), and
 # what a session started is stopped when the last session using the stack ends. Nothing is stopped
 # with DDPM_KEEP_TEST_STACK=1 (the next session then reuses the stack in about a second).
 # ==================================================================================================
 
-TEST_STACK_DIR = REPO_ROOT / ".stack-test"
 TEST_STACK_PORT_OFFSET = int(os.environ.get("DDPM_TEST_STACK_PORT_OFFSET", "100"))
+TEST_STACK_DIR = REPO_ROOT / (
+    ".stack-test" if TEST_STACK_PORT_OFFSET == 100 else f".stack-test-{TEST_STACK_PORT_OFFSET}"
+)
 
 
 @dataclass(frozen=True)
