@@ -4,6 +4,10 @@
     python jobs/prepare_data.py --source folder --folder ~/pics --image-size 32 --channels 3 \\
         --out s3://ddpm-data/pics
     python jobs/prepare_data.py --out /tmp/digits --overwrite     # a local directory
+    ray job submit --working-dir . -- python jobs/prepare_data.py --source folder \\
+        --folder s3://bucket/photos --image-size 64 --channels 3 --out s3://ddpm-data/photos   # Ray Data
+    python jobs/prepare_data.py --source webdataset --shards 's3://b/laion/{00000..00099}.tar' \\
+        --label-key label --image-size 64 --channels 3 --out s3://ddpm-data/laion64        # re-encoded
     python jobs/prepare_data.py --help | --dry-run
 
 Output: ``<out>/train/`` and ``<out>/eval/`` (a seeded, stratified held-out split), each with
@@ -15,11 +19,20 @@ The work is done by ``pipeline.data.prepare``.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pipeline.cli import JobError, run_job
 from pipeline.data import prepare
 from pipeline.data.errors import DataError
+
+
+def _resolve(settings: prepare.PrepareDataSettings) -> None:
+    if prepare.ingests(settings) and settings.use_ray:  # Ray Data runs on the job's cluster (RAY_ADDRESS)
+        from pipeline.cluster import connect
+
+        connect(os.environ.get("RAY_ADDRESS"), log=lambda line: print(line, file=sys.stderr, flush=True))
+    prepare.resolve(settings)
 
 
 def _write(settings: prepare.PrepareDataSettings) -> int:
@@ -30,9 +43,7 @@ def _write(settings: prepare.PrepareDataSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(
-        prepare.PrepareDataSettings, _write, argv, prog="prepare_data.py", resolve=prepare.resolve, echo=False
-    )
+    return run_job(prepare.PrepareDataSettings, _write, argv, prog="prepare_data.py", resolve=_resolve, echo=False)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,16 @@ class DataConfig(Section):
         "auto: 2 with a GPU, 0 on CPU, where the trainer already uses the cores it was given",
     )
     strict: bool = Field(False, description="fail at the first bad shard or sample instead of skipping and counting it")
+    resize: Literal["center", "random", "never"] = Field(
+        "center",
+        description="images stored at another size than image_size: shorter side resized, then a center or random "
+        "crop, in the loader (same-size data is not touched); never: refuse them",
+    )
+    label_key: str | None = Field(
+        None,
+        description="where a sample's class is: cls (its .cls member) or a field of its .json member (e.g. label); "
+        "default: what the manifest says (cls for datasets written by prepare_data)",
+    )
     partitions: int = Field(
         4,
         ge=1,

@@ -19,7 +19,9 @@ from typing import Literal
 from pydantic import Field, PrivateAttr, model_validator
 
 from pipeline.config import ConfigError, JobSettings, StorageConfig
+from pipeline.data import ingest
 from pipeline.data.errors import DataError, DatasetExistsError, ManifestError
+from pipeline.data.index import index_dataset
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, open_manifest
 from pipeline.data.sources import (
     IMAGE_EXTENSIONS,
@@ -46,11 +48,41 @@ class DatasetPlan:
 class PrepareDataSettings(JobSettings):
     """Write WebDataset shards (train + held-out eval split) with manifests, to S3 or a local directory."""
 
-    source: Literal["digits", "folder"] = Field(
-        "digits", description="digits: scikit-learn's bundled 8x8 handwritten digits; folder: your images"
+    source: Literal["digits", "folder", "webdataset"] = Field(
+        "digits",
+        description="digits: scikit-learn's bundled 8x8 handwritten digits; folder: your images (--folder); "
+        "webdataset: existing WebDataset shards (--shards), re-encoded or, with --index-only, indexed in place",
     )
-    folder: Path | None = Field(
-        None, description="with --source folder: a folder of class sub-folders (class = folder name) or of images"
+    folder: str | None = Field(
+        None,
+        description="with --source folder: a local folder or an s3://bucket/prefix of images, in class sub-folders "
+        "(class = first path component under it) or flat",
+    )
+    shards: str | None = Field(
+        None,
+        description="with --source webdataset: the shards, as a brace pattern (s3://b/p/{00000..01023}.tar) or a "
+        "prefix holding .tar files",
+    )
+    index_only: bool = Field(
+        False,
+        description="with --source webdataset: write only manifests for the shards where they are (nothing copied or "
+        "decoded; read-only buckets work with --out elsewhere)",
+    )
+    checksums: bool = Field(False, description="with --index-only: record each shard's sha256 (reads every byte)")
+    label_key: str | None = Field(
+        None, description="with --source webdataset: the class is this field of each sample's .json member (or cls)"
+    )
+    image_format: Literal["png", "jpeg", "webp"] = Field("png", description="how images are stored in the shards")
+    quality: int = Field(95, ge=1, le=100, description="JPEG / WebP quality (png: lossless)")
+    engine: Literal["auto", "ray", "local"] = Field(
+        "auto",
+        description="ray: convert with Ray Data on the cluster (RAY_ADDRESS, else a local Ray); local: one process; "
+        "auto: local for the digits, ray otherwise",
+    )
+    ray_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="with Ray: at most this many shard tasks at once, one CPU each (default: all the cluster's)",
     )
     out: str = Field("s3://ddpm-data/digits", description="dataset root: s3://bucket/prefix or a local directory")
     image_size: int = Field(8, ge=1, le=4096, description="output height = width (shorter side resized, center crop)")
@@ -64,29 +96,55 @@ class PrepareDataSettings(JobSettings):
     overwrite: bool = Field(False, description="replace a dataset already at --out (old shards removed first)")
     progress: bool = Field(True, description="show a progress bar (tqdm, on stderr)")
     storage: StorageConfig = StorageConfig()
-    _plan: DatasetPlan | None = PrivateAttr(None)  # set by resolve()
+    _plan: DatasetPlan | ingest.Plan | None = PrivateAttr(None)  # set by resolve()
 
     @model_validator(mode="after")
-    def _folder_given(self) -> PrepareDataSettings:
+    def _channels(self) -> PrepareDataSettings:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}")
+        return self
+
+    @model_validator(mode="after")
+    def _input_given(self) -> PrepareDataSettings:
         if self.source == "folder":
             if self.folder is None:
-                raise ValueError("--source folder needs --folder PATH")
-            if not self.folder.expanduser().is_dir():
+                raise ValueError("--source folder needs --folder PATH (a local folder or s3://bucket/prefix)")
+            if "://" not in self.folder and not Path(self.folder).expanduser().is_dir():
                 raise ValueError(f"folder: {self.folder} is not a directory")
+        if self.source == "webdataset" and not self.shards:
+            raise ValueError("--source webdataset needs --shards PATTERN_OR_PREFIX")
+        if self.index_only and self.source != "webdataset":
+            raise ValueError("--index-only indexes existing shards: use it with --source webdataset --shards ...")
         return self
+
+    @property
+    def use_ray(self) -> bool:
+        return self.engine == "ray" or (self.engine == "auto" and self.source != "digits")
+
+
+def ingests(s: PrepareDataSettings) -> bool:
+    """Converted by ``pipeline.data.ingest`` (Ray Data, or shard tasks in this process where today's
+    converter cannot read the source: an s3:// folder, WebDataset shards); else the one-process converter."""
+    if s.source == "digits" or s.index_only:
+        return False
+    return s.use_ray or s.source == "webdataset" or "://" in (s.folder or "")
 
 
 def build_source(s: PrepareDataSettings) -> Source:
     if s.source == "digits":
         return digits_source()
-    return folder_source(s.folder.expanduser())
+    return folder_source(Path(s.folder).expanduser())
 
 
 def resolve(s: PrepareDataSettings) -> None:
     """Read the source and split it, printing what will be written (also for a dry run).
     A source without images raises ConfigError: nothing could ever be written from it."""
+    if ingests(s):
+        s._plan = ingest.resolve(s)
+        return
+    if s.index_only:  # shards are listed when they are indexed
+        print(f"source: the WebDataset shards {s.shards}, indexed in place -> manifests under {s.out}", file=sys.stderr)
+        return
     source = build_source(s)
     for note in source.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -107,6 +165,20 @@ def existing_objects(out: str, storage: StorageConfig) -> list[str]:
     for split in SPLITS:
         urls += list(list_urls(join_url(out, split), storage))
     return urls
+
+
+def claim_output(s: PrepareDataSettings) -> None:
+    """Refuse an ``--out`` that holds a dataset, or with ``--overwrite`` delete it (manifests first)."""
+    check_bucket(s.out, s.storage)
+    old = existing_objects(s.out, s.storage)
+    if old:
+        if not s.overwrite:
+            raise DatasetExistsError(
+                f"{s.out} already holds a dataset ({len(old)} object(s) under train/ and eval/, e.g. {old[0]}); "
+                f"refusing to mix old and new shards: pass --overwrite to replace it, or choose another --out"
+            )
+        print(f"--overwrite: deleting {len(old)} old object(s) under {s.out}", file=sys.stderr)
+        clear_output(s.storage, old)
 
 
 def clear_output(storage: StorageConfig, urls: list[str]) -> None:
@@ -165,19 +237,25 @@ def run(s: PrepareDataSettings) -> int:
     Raises DatasetExistsError if ``s.out`` holds a dataset and not ``s.overwrite``, DataError if no
     training image is readable, and the storage errors of ``pipeline.data.storage``."""
     t0 = time.time()
+    if s.index_only:
+        claim_output(s)
+        index_dataset(
+            s.shards,
+            s.out,
+            s.storage,
+            label_key=s.label_key,
+            checksums=s.checksums,
+            eval_fraction=s.eval_fraction,
+            seed=s.seed,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        return 0
+    if ingests(s):
+        return ingest.run(s, s._plan)
     if s._plan is None:
         resolve(s)
     source, plan = s._plan.source, s._plan.splits
-    check_bucket(s.out, s.storage)
-    old = existing_objects(s.out, s.storage)
-    if old:
-        if not s.overwrite:
-            raise DatasetExistsError(
-                f"{s.out} already holds a dataset ({len(old)} object(s) under train/ and eval/, e.g. {old[0]}); "
-                f"refusing to mix old and new shards: pass --overwrite to replace it, or choose another --out"
-            )
-        print(f"--overwrite: deleting {len(old)} old object(s) under {s.out}", file=sys.stderr)
-        clear_output(s.storage, old)
+    claim_output(s)
     mtime = time.time()
     failures: list[str] = []
     summary = []

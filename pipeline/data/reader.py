@@ -93,6 +93,7 @@ class _Stream:
     def _make_batch(self, j: int, chosen: list[RawSample], size: int, pool: deque[RawSample]) -> Batch:
         o, shards = self.options, self.shards
         rng = random.Random(derive_seed("refill", o.seed, self.epoch, self.plan.partition, j))
+        crops = random.Random(derive_seed("crop", o.seed, self.epoch, self.plan.partition, j))
         arrays: list[np.ndarray] = []
         labels: list[int] = []
         keys: list[str] = []
@@ -105,7 +106,7 @@ class _Stream:
                     if not pool:
                         return False
                 raw = pool[rng.randrange(len(pool))]
-                out = shards.decode(raw)
+                out = shards.decode(raw, crops)
                 if not isinstance(out, str):
                     arrays.append(out[0])
                     labels.append(out[1])
@@ -114,7 +115,7 @@ class _Stream:
             return False
 
         for raw in chosen:
-            out = shards.decode(raw)
+            out = shards.decode(raw, crops)
             if isinstance(out, str):
                 shards.bad(1, out, raw.url)
                 refilled += decode_pool_item()
@@ -243,7 +244,7 @@ class ShardReader:
         self.batch_size = batch_size
         self.seed = seed
         self.manifest = manifest or open_manifest(data.url, storage, split)
-        check_matches(self.manifest, image_size=data.image_size, channels=data.channels)
+        check_matches(self.manifest, image_size=data.image_size, channels=data.channels, resize=data.resize)
         m = self.manifest
         if m.num_samples == 0 or not m.shards:
             raise ManifestError(f"dataset {m.url} has no samples", url=m.url)
@@ -263,7 +264,16 @@ class ShardReader:
             )
         # The buffer is split over the partitions so that a rank holding all of them holds data.shuffle_buffer.
         buffer = -(-data.shuffle_buffer // self.partitions)
-        self._options = _Options(ShardSpec.from_manifest(m, storage, strict=data.strict), buffer, data.hflip, seed)
+        spec = ShardSpec.from_manifest(
+            m,
+            storage,
+            strict=data.strict,
+            image_size=data.image_size,
+            channels=data.channels,
+            resize=data.resize,
+            label_key=data.label_key,
+        )
+        self._options = _Options(spec, buffer, data.hflip, seed)
         self._position = (0, 0)
 
     # -- layout ---------------------------------------------------------------------------------

@@ -2,8 +2,13 @@
 
 ``Shards(spec)`` reads the raw samples of a split's shards in tar order, checking each shard's byte
 count and sha256 against the manifest as it streams, and ``decode`` turns a raw sample into a uint8
-(H, W, C) array and a class index. Only the image (png/jpg) and ``cls`` members are ever read: PIL
-with the format pinned and ``int()``, nothing is unpickled or ``torch.load``ed from a shard.
+(H, W, C) array and a class index. Only the image (png/jpg/webp) and label members are ever read (the
+label: ``.cls``, or a field of ``.json`` with ``data.label_key``, or none): PIL with the format pinned,
+``int()`` and ``json.loads``; nothing is unpickled or ``torch.load``ed from a shard.
+
+An image stored at another size than the one asked for is resized (shorter side, Lanczos; JPEGs are
+first decoded at a reduced scale where that suffices) and cropped, centred or at a random place
+(``data.resize``); with ``never`` it is bad data. Same-size images are not touched.
 
 Bad data (missing shard, truncated or garbage tar, undecodable image or label, wrong size, counts or
 digest differing from the manifest) is skipped, counted and described (``take_events``) and logged;
@@ -18,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
+import random
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -40,8 +47,7 @@ from pipeline.data.storage import open_read, outage_limit, storage_kwargs
 
 log = logging.getLogger("pipeline.data")
 
-IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
-WANTED = {*IMAGE_FORMATS, "cls"}
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 MAX_MEMBER_BYTES = 64 << 20  # larger members are treated as corrupt (never read into memory)
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 MAX_MESSAGES = 20  # messages kept per batch
@@ -59,24 +65,49 @@ class ShardSpec:
     counts: tuple[int, ...]
     sha256: tuple[str, ...]
     nbytes: tuple[int, ...]
-    image_size: int
+    image_size: int  # what decode returns
     channels: int
     num_classes: int
     strict: bool
+    resize: str = "never"  # "center" | "random" | "never" (a stored size other than image_size is bad data)
+    labels: str = "cls"  # "cls", "json:<field>" or "none" (every label 0)
+    indexed: bool = False  # shards indexed in place: keys without an image are not samples (the index left them out)
 
     @classmethod
-    def from_manifest(cls, m: Manifest, storage: Any, *, strict: bool) -> ShardSpec:
+    def from_manifest(
+        cls,
+        m: Manifest,
+        storage: Any,
+        *,
+        strict: bool,
+        image_size: int | None = None,
+        channels: int | None = None,
+        resize: str = "never",
+        label_key: str | None = None,
+    ) -> ShardSpec:
+        """The manifest's shards, decoded to ``image_size`` x ``channels`` (default: the manifest's), with
+        labels from ``label_key`` (cls or a .json field; default: the manifest's ``labels``)."""
+        size, chans = image_size or m.image_size, channels or m.channels
+        if size is None or chans is None:
+            raise DataError(f"{m.url}: indexed shards of unknown sizes: give the image size and channels to read them")
         return cls(
             storage=storage_kwargs(storage) | {"outage_s": outage_limit(storage)},
             urls=tuple(m.shard_urls),
             counts=tuple(s.samples for s in m.shards),
             sha256=tuple(s.sha256 for s in m.shards),
             nbytes=tuple(s.bytes for s in m.shards),
-            image_size=m.image_size,
-            channels=m.channels,
+            image_size=size,
+            channels=chans,
             num_classes=len(m.class_names),
             strict=strict,
+            resize=resize,
+            labels=m.labels if label_key is None else ("cls" if label_key == "cls" else f"json:{label_key}"),
+            indexed=m.indexed,
         )
+
+    @property
+    def label_member(self) -> str | None:
+        return None if self.labels == "none" else ("cls" if self.labels == "cls" else "json")
 
 
 class RawSample(NamedTuple):
@@ -85,7 +116,7 @@ class RawSample(NamedTuple):
     key: str
     image: bytes
     ext: str
-    cls: bytes
+    label: bytes  # the label member's bytes (.cls text or .json), b"" when the dataset has no labels
     url: str  # the shard's
 
 
@@ -116,7 +147,7 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
     return (tarfile.TarError, OSError, EOFError, ValueError, BotoCoreError, HTTPError, DataError)
 
 
-def _tar_samples(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+def _tar_samples(tf: tarfile.TarFile, wanted: set[str]) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     """(key, {ext: bytes} of the wanted members, problem or None) for consecutive members of a key."""
     key: str | None = None
     members: dict[str, bytes] = {}
@@ -133,7 +164,7 @@ def _tar_samples(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes], s
             if key is not None:
                 yield key, members, bad
             key, members, bad = k, {}, None
-        if ext not in WANTED:
+        if ext not in wanted:
             continue
         if ext in members:
             bad = f"duplicate member {ti.name}"
@@ -193,23 +224,28 @@ class Shards:
         error: str | None = None
         digest_ok = True
         f = None
+        label = spec.label_member
+        wanted = {*IMAGE_FORMATS, *([label] if label else [])}
         try:
             f = open_read(url, spec.storage)
             hf = _HashingReader(f)
             with tarfile.open(fileobj=hf, mode="r|*") as tf:
-                for key, members, bad in _tar_samples(tf):
+                for key, members, bad in _tar_samples(tf, wanted):
+                    img_ext = next((e for e in IMAGE_FORMATS if e in members), None)
+                    if img_ext is None and spec.indexed and bad is None:
+                        continue  # not a sample: the index counted only keys with an image
                     seen += 1
                     if seen > expected:
                         extra += 1
                         continue
-                    img_ext = next((e for e in IMAGE_FORMATS if e in members), None)
-                    if bad is None and (img_ext is None or "cls" not in members):
-                        bad = f"missing member(s): has {sorted(members)}, needs an image (png/jpg) and cls"
+                    if bad is None and (img_ext is None or (label and label not in members)):
+                        needs = "an image (" + "/".join(IMAGE_FORMATS) + ")" + (f" and {label}" if label else "")
+                        bad = f"missing member(s): has {sorted(members)}, needs {needs}"
                     if bad is not None:
                         if own:
                             self.bad(1, f"{url}: sample {key}: {bad}", url)
                         continue
-                    yield RawSample(key, members[img_ext], img_ext, members["cls"], url)
+                    yield RawSample(key, members[img_ext], img_ext, members.get(label, b"") if label else b"", url)
             hf.drain()
             if spec.sha256[i]:
                 digest_ok = hf.n == spec.nbytes[i] and hf.sha.hexdigest() == spec.sha256[i]
@@ -257,24 +293,69 @@ class Shards:
 
     # -- decoding -------------------------------------------------------------------------------
 
-    def decode(self, raw: RawSample) -> tuple[np.ndarray, int] | str:
-        """(uint8 (H, W, C) image, class index), or what is wrong with the sample (not yet counted)."""
-        s = self.spec.image_size
+    def decode(self, raw: RawSample, rng: random.Random | None = None) -> tuple[np.ndarray, int] | str:
+        """(uint8 (H, W, C) image, class index), or what is wrong with the sample (not yet counted).
+        ``rng`` places a random crop (``data.resize random``)."""
+        spec, s = self.spec, self.spec.image_size
         try:
             with Image.open(io.BytesIO(raw.image), formats=[IMAGE_FORMATS[raw.ext]]) as im:
                 if im.size != (s, s):
-                    return f"{raw.url}: sample {raw.key}: image is {im.size[0]}x{im.size[1]}, the manifest says {s}x{s}"
+                    if spec.resize == "never":
+                        return (
+                            f"{raw.url}: sample {raw.key}: image is {im.size[0]}x{im.size[1]}, {s}x{s} is asked for "
+                            "and data.resize is never"
+                        )
+                    im = fit(im, s, rng if spec.resize == "random" else None)
                 arr = np.asarray(im if im.mode == self.mode else im.convert(self.mode))
-            label = int(raw.cls.decode("ascii").strip())
-            if not 0 <= label < self.spec.num_classes:
-                return f"{raw.url}: sample {raw.key}: class {label} outside 0..{self.spec.num_classes - 1}"
+            label = self.label(raw)
         except UnidentifiedImageError:
             return f"{raw.url}: sample {raw.key}: {raw.key}.{raw.ext} is not a decodable {IMAGE_FORMATS[raw.ext]} image"
         except Exception as e:  # noqa: BLE001 - untrusted bytes: any failure means undecodable
             return f"{raw.url}: sample {raw.key}: cannot decode: {type(e).__name__}: {e}"
+        if isinstance(label, str):
+            return label
         if arr.ndim == 2:
             arr = arr[:, :, None]
         return arr, label
+
+    def label(self, raw: RawSample) -> int | str:
+        """The sample's class index, or what is wrong with its label."""
+        spec = self.spec
+        if spec.labels == "none":
+            return 0
+        try:
+            if spec.labels == "cls":
+                label = int(raw.label.decode("ascii").strip())
+            else:
+                value = json.loads(raw.label)[spec.labels.removeprefix("json:")]
+                label = int(value) if isinstance(value, int | str) and not isinstance(value, bool) else None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            label = None
+        if label is None:
+            return (
+                f"{raw.url}: sample {raw.key}: no integer class in its {spec.labels.replace('json:', '.json field ')}"
+            )
+        if not 0 <= label < spec.num_classes:
+            return f"{raw.url}: sample {raw.key}: class {label} outside 0..{spec.num_classes - 1}"
+        return label
+
+
+def fit(im: Image.Image, size: int, rng: random.Random | None = None) -> Image.Image:
+    """The shorter side resized to ``size`` (Lanczos), then a ``size`` x ``size`` crop: centred, or at a
+    place drawn from ``rng``. A JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8 scale
+    first (``draft``: the DCT scaling costs a fraction of a full decode)."""
+    if im.format == "JPEG":
+        w, h = im.size
+        scale = min(w, h) / size
+        if scale >= 2:
+            im.draft(im.mode, (max(size, -(-w // int(scale))), max(size, -(-h // int(scale)))))
+    w, h = im.size
+    k = size / min(w, h)
+    nw, nh = max(size, round(w * k)), max(size, round(h * k))
+    im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+    x = rng.randrange(nw - size + 1) if rng else (nw - size) // 2
+    y = rng.randrange(nh - size + 1) if rng else (nh - size) // 2
+    return im.crop((x, y, x + size, y + size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,15 +370,29 @@ class SplitArrays(NamedTuple):
 
 
 def load_split_arrays(
-    url: str, storage: Any = None, split: str = "eval", *, strict: bool = True, limit: int | None = None
+    url: str,
+    storage: Any = None,
+    split: str = "eval",
+    *,
+    strict: bool = True,
+    limit: int | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    resize: str = "center",
+    label_key: str | None = None,
 ) -> SplitArrays:
     """Read a whole (small) split into memory, in manifest shard order then tar order.
 
     ``url`` is the dataset root (as ``data.url``). With strict=True (default) any bad shard or sample
     raises ShardError; otherwise it is skipped and logged. ``limit`` stops after that many images.
+    ``image_size``/``channels`` (default: the manifest's) are what the images are resized (centre crop)
+    and converted to, ``label_key`` where their classes are (as ``DataConfig``'s).
     """
     m = open_manifest(url, storage, split)
-    shards = Shards(ShardSpec.from_manifest(m, storage, strict=strict))
+    spec = ShardSpec.from_manifest(
+        m, storage, strict=strict, image_size=image_size, channels=channels, resize=resize, label_key=label_key
+    )
+    shards = Shards(spec)
     images: list[np.ndarray] = []
     labels: list[int] = []
     keys: list[str] = []
@@ -311,7 +406,7 @@ def load_split_arrays(
         keys.append(raw.key)
         if limit is not None and len(images) >= limit:
             break
-    s, c = m.image_size, m.channels
+    s, c = spec.image_size, spec.channels
     return SplitArrays(
         images=np.stack(images) if images else np.zeros((0, s, s, c), np.uint8),
         labels=np.asarray(labels, dtype=np.int64),

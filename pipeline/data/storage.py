@@ -333,6 +333,67 @@ def read_bytes(url: str, storage: Any = None) -> bytes:
             raise translate_error(e, url, storage, what="reading") from None
 
 
+def read_range(url: str, start: int, length: int, storage: Any = None) -> bytes:
+    """``length`` bytes of the object/file at ``url`` from byte ``start`` (fewer at its end): one ranged GET."""
+    loc = parse_url(url)
+    if not loc.is_s3:
+        try:
+            with open(loc.path, "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            raise NotFoundError(f"not found: {url}", url=url) from None
+        except OSError as e:
+            raise DataError(f"cannot read {url}: {e}", url=url) from None
+
+    def get() -> bytes:
+        try:
+            rng = f"bytes={start}-{start + length - 1}"
+            return s3_client(storage).get_object(Bucket=loc.bucket, Key=loc.key, Range=rng)["Body"].read()
+        except _boto_errors() as e:
+            code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+            if code == "InvalidRange":  # at or past the end of the object
+                return b""
+            raise translate_error(e, url, storage, what="reading") from None
+
+    return ride_out(f"reading {url}", get, storage)
+
+
+def list_sizes(prefix_url: str, storage: Any = None) -> dict[str, int]:
+    """URL -> size in bytes of every object/file under a prefix/directory (recursively), from the listing."""
+    loc = parse_url(prefix_url)
+    if not loc.is_s3:
+        return {u: parse_url(u).path.stat().st_size for u in list_urls(prefix_url, storage)}
+    prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+
+    def listing() -> dict[str, int]:
+        try:
+            pages = s3_client(storage).get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+            return {f"s3://{loc.bucket}/{o['Key']}": int(o["Size"]) for page in pages for o in page.get("Contents", [])}
+        except _boto_errors() as e:
+            raise translate_error(e, prefix_url, storage, what="listing") from None
+
+    return ride_out(f"listing {prefix_url}", listing, storage)
+
+
+def object_size(url: str, storage: Any = None) -> int:
+    """The size in bytes of one object/file (a HEAD request on S3)."""
+    loc = parse_url(url)
+    if not loc.is_s3:
+        try:
+            return loc.path.stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"not found: {url}", url=url) from None
+
+    def head() -> int:
+        try:
+            return int(s3_client(storage).head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"])
+        except _boto_errors() as e:
+            raise translate_error(e, url, storage, what="reading the size of") from None
+
+    return ride_out(f"reading the size of {url}", head, storage)
+
+
 def write_bytes(url: str, data: bytes, storage: Any = None, *, content_type: str | None = None) -> None:
     """Write a whole object/file; local files appear atomically (temp file + rename)."""
     loc = parse_url(url)

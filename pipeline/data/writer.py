@@ -28,11 +28,11 @@ MEMBERS = {
 }
 
 
-def _member_bytes(n: int) -> int:
+def member_bytes(n: int) -> int:
     return TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK
 
 
-def _archive_bytes(content: int) -> int:
+def archive_bytes(content: int) -> int:
     """Size of a tar archive whose members take ``content`` bytes (end blocks + record padding)."""
     return -(-(content + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
 
@@ -79,9 +79,9 @@ class SplitWriter:
             "json": json.dumps(meta, sort_keys=True).encode(),
             "png": png,
         }
-        size = sum(_member_bytes(len(v)) for k, v in sample.items() if k != "__key__")
+        size = sum(member_bytes(len(v)) for k, v in sample.items() if k != "__key__")
         if self._pending and (
-            len(self._pending) >= self.shard_samples or _archive_bytes(self._pending_content + size) > self.shard_bytes
+            len(self._pending) >= self.shard_samples or archive_bytes(self._pending_content + size) > self.shard_bytes
         ):
             self._flush()
         self._pending.append(sample)

@@ -281,20 +281,20 @@ def load_or_train_feature_net(
     storage: Any = None,
     *,
     eval_split: tuple[np.ndarray, np.ndarray] | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
     log: Callable[[str], None] = print,
 ) -> FeatureNet:
     """The dataset's feature network: from ``<data_url>/feature-net/<key>.pt`` or trained and cached there.
 
     ``eval_split`` is (uint8 NHWC images, labels) if the caller already has it; otherwise it is read,
     as the train split is, with ``pipeline.data.load_split_arrays`` when training is needed.
+    ``image_size``/``channels``: what the images are read as (default: the manifest's; indexed shards
+    have none).
     """
-
     manifest = open_manifest(data_url, storage, "train")
-    cfg = FeatureNetConfig(
-        image_size=manifest.image_size,
-        channels=manifest.channels,
-        num_classes=len(manifest.class_names),
-    )
+    size = {"image_size": image_size or manifest.image_size, "channels": channels or manifest.channels}
+    cfg = FeatureNetConfig(**size, num_classes=len(manifest.class_names))
     key = feature_net_key(cfg, [s.sha256 for s in manifest.shards])
     url = join_url(data_url, FEATURE_NET_DIR, f"{key}.pt")
     try:
@@ -304,10 +304,10 @@ def load_or_train_feature_net(
         return net
     except NotFoundError:
         pass
-    s = load_split_arrays(data_url, storage, "train")
+    s = load_split_arrays(data_url, storage, "train", **size)
     train = (s.images, s.labels)
     if eval_split is None:
-        s = load_split_arrays(data_url, storage, "eval")
+        s = load_split_arrays(data_url, storage, "eval", **size)
         eval_split = (s.images, s.labels)
     log(f"feature net: training a {cfg.feature_dim}-feature CNN classifier on {len(train[0])} train images")
     net = train_feature_net(
@@ -344,7 +344,8 @@ def quality_metrics(
     """
 
     t0 = time.perf_counter()
-    ev = load_split_arrays(data_url, storage, "eval")
+    size = {"image_size": images.shape[1], "channels": images.shape[3]}  # an indexed dataset's are the model's
+    ev = load_split_arrays(data_url, storage, "eval", **size)
     if ev.images.shape[1:] != images.shape[1:]:
         raise DataError(
             f"the eval split at {data_url} holds {ev.images.shape[1:]} images (HWC) but the model makes "
@@ -353,8 +354,8 @@ def quality_metrics(
     if len(ev.images) < 4:
         raise DataError(f"the eval split at {data_url} has {len(ev.images)} images: too few for a Frechet distance")
     # Reads the train split only if the feature net has to be trained (it is cached after that).
-    net = load_or_train_feature_net(data_url, storage, eval_split=(ev.images, ev.labels), log=log)
-    tr = load_split_arrays(data_url, storage, "train", limit=len(images))
+    net = load_or_train_feature_net(data_url, storage, eval_split=(ev.images, ev.labels), log=log, **size)
+    tr = load_split_arrays(data_url, storage, "train", limit=len(images), **size)
     name = net.name
     f_eval = net.features(ev.images)
     stats_eval = gaussian_stats(f_eval)

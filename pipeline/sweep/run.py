@@ -94,7 +94,7 @@ def preflight(s: SweepSettings) -> Prepared:
     space = load_space(sw.space, base)
     try:
         manifest = open_manifest(base.data.url, base.storage, "train")
-        check_matches(manifest, image_size=base.data.image_size, channels=base.data.channels)
+        check_matches(manifest, image_size=base.data.image_size, channels=base.data.channels, resize=base.data.resize)
     except Exception as e:  # the data layer's errors name the URL and the cause
         raise ConfigError(f"error: {e}") from e
     export_keys(s)

@@ -37,7 +37,12 @@ def preflight(settings: Settings) -> str | None:
     name, where = settings.train.run_name, settings.storage.checkpoint_url
     try:
         manifest = open_manifest(settings.data.url, settings.storage, "train")
-        check_matches(manifest, image_size=settings.data.image_size, channels=settings.data.channels)
+        check_matches(
+            manifest,
+            image_size=settings.data.image_size,
+            channels=settings.data.channels,
+            resize=settings.data.resize,
+        )
         exists = run_exists(settings, name)
     except Exception as e:  # the data layer's errors name the URL and the cause
         raise ConfigError(f"error: {e}") from e

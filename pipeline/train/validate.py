@@ -31,7 +31,17 @@ class Validator:
         if not self.every:
             return
         n = settings.train.validate_images
-        split = load_split_arrays(settings.data.url, settings.storage, "eval", limit=n)
+        d = settings.data
+        split = load_split_arrays(
+            d.url,
+            settings.storage,
+            "eval",
+            limit=n,
+            image_size=d.image_size,
+            channels=d.channels,
+            resize="never" if d.resize == "never" else "center",  # a fixed set: no random crops
+            label_key=d.label_key,
+        )
         if len(split.images) == 0:
             raise ValueError(f"train.validate_every_images needs eval images; {settings.data.url} has none")
         images = torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, C, H, W)

@@ -47,7 +47,7 @@ def test_digits_job_writes_shards_and_manifests_to_s3(s3, digits_s3):
     assert train.image_size == 8 and train.channels == 1 and train.class_names == [str(i) for i in range(10)]
     assert sum(train.class_counts) == 1617 and all(c > 100 for c in train.class_counts)
     assert [s.samples for s in train.shards] == [200] * 8 + [17]
-    assert train.source["kind"] == "digits" and train.created and train.format_version == 1
+    assert train.source["kind"] == "digits" and train.created and train.format_version == 2
     for s in train.shards:
         data = read_bytes(join_url(digits_s3.out, "train", s.name), s3.storage)
         assert len(data) == s.bytes and hashlib.sha256(data).hexdigest() == s.sha256
@@ -148,7 +148,7 @@ def test_image_folder_with_classes_round_trip(s3, tmp_path):
     (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (root / "dogs" / "notes.txt").write_text("not an image")
     out = join_url(s3.root, "folder")
-    args = f"--source folder --folder {root} --out {out} --image-size 16 --channels 3 --eval-fraction 0"
+    args = f"--source folder --folder {root} --out {out} --image-size 16 --channels 3 --eval-fraction 0 --engine local"
     p = run_prepare_data(*args.split(), "--no-progress", env=s3.env)
     assert p.returncode == 0, p.stderr
     assert "broken.jpg" in p.stderr and "1 unreadable file(s) skipped" in p.stderr

@@ -4,6 +4,7 @@ helpers that read them back. Shared by tests/unit/data and tests/integration/tes
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import subprocess
@@ -102,3 +103,43 @@ def run_prepare_data(*args: str, env: dict[str, str] | None = None, timeout: flo
 def save_image(path: Path, img: Image.Image, fmt: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt)
+
+
+def write_foreign_shards(
+    root: str, storage, shard_sizes: list[int], *, fmt: str = "jpg", cls: bool = False, seed: int = 0
+) -> list[dict]:
+    """Shards as other tools write them (img2dataset's layout, with plain ``webdataset.TarWriter``):
+    ``{00000..}.tar`` of ``<key>.jpg`` (RGB digits upscaled to 16-40 px, not square), ``<key>.txt`` (a
+    caption) and ``<key>.json`` (``label`` and a url), plus ``<key>.cls`` with ``cls``. Returns each
+    sample's truth in write order: key, shard url, label, (width, height)."""
+    from webdataset import TarWriter
+
+    from pipeline.data.storage import write_bytes
+
+    rng = random.Random(seed)
+    samples = digits_samples()
+    pil_format = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
+    truth, n = [], 0
+    for i, size in enumerate(shard_sizes):
+        url = join_url(root, f"{i:05d}.tar")
+        buf = io.BytesIO()
+        with TarWriter(buf, encoder=False) as tw:
+            for _ in range(size):
+                key, label, png = samples[n % len(samples)]
+                w, h = rng.randrange(16, 41), rng.randrange(16, 41)
+                img = Image.open(io.BytesIO(png)).convert("RGB").resize((w, h))
+                out = io.BytesIO()
+                img.save(out, format=pil_format)
+                sample = {
+                    "__key__": f"{n:09d}",
+                    fmt: out.getvalue(),
+                    "txt": f"a handwritten {label}".encode(),
+                    "json": json.dumps({"label": label, "url": f"http://example.invalid/{key}.png"}).encode(),
+                }
+                if cls:
+                    sample["cls"] = str(label).encode()
+                tw.write(sample)
+                truth.append({"key": f"{n:09d}", "url": url, "label": label, "size": (w, h)})
+                n += 1
+        write_bytes(url, buf.getvalue(), storage)
+    return truth

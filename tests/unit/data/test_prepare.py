@@ -120,7 +120,7 @@ def test_flat_image_folder_is_one_class(tmp_path):
     for i, size in enumerate([(12, 12), (30, 18), (9, 40)]):
         save_image(root / f"im{i}.png", Image.new("RGB", size, (10 * i, 20, 30)), "PNG")
     out = tmp_path / "out"
-    args = f"--source folder --folder {root} --out {out} --image-size 8 --eval-fraction 0 --no-progress"
+    args = f"--source folder --folder {root} --out {out} --image-size 8 --eval-fraction 0 --engine local --no-progress"
     code = prepare_data.main(args.split())
     assert code == 0
     m = open_manifest(str(out), None, "train")
@@ -132,5 +132,6 @@ def test_flat_image_folder_is_one_class(tmp_path):
 def test_folder_with_no_images_is_a_config_error(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("x")
-    p = run_prepare_data("--source", "folder", "--folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    folder = str(tmp_path / "empty")
+    p = run_prepare_data("--source", "folder", "--folder", folder, "--out", str(tmp_path / "o"), "--engine", "local")
     assert p.returncode == 2 and "no images found" in p.stderr
