@@ -282,18 +282,13 @@ def test_manifest_mismatch_names_both_values(s3, uneven):
     assert "has 1" in str(e.value) and "is 3" in str(e.value) and "channels" in str(e.value)
 
 
-def test_shards_made_elsewhere_are_indexed_in_place_and_trained_on(s3, stack_env, tmp_path, monkeypatch):
+def test_shards_made_elsewhere_are_indexed_in_place_and_trained_on(s3, stack_env, monkeypatch):
     """img2dataset-layout shards in S3 (plain TarWriter: jpg, txt, json with a label): --index-only writes
     manifests under another prefix from ranged reads of the tar headers (no image byte read), and the
     training loop streams the original shards, resized to 16 px, classes from the JSON field."""
-    import shutil
-
     from jobs import prepare_data
-    from pipeline.config import Settings
     from pipeline.data import index as index_module
-    from pipeline.train.checkpointer import Session
-    from pipeline.train.loop import train_worker
-    from tests.unit.data.datasets import write_foreign_shards
+    from tests.unit.data.datasets import train_briefly, write_foreign_shards
 
     shards, out = join_url(s3.root, "foreign"), join_url(s3.root, "indexed")
     write_foreign_shards(shards, s3.storage, [40, 25, 33, 30, 20])
@@ -316,22 +311,7 @@ def test_shards_made_elsewhere_are_indexed_in_place_and_trained_on(s3, stack_env
                 if ti.name.endswith(".jpg"):
                     assert start + n <= ti.offset_data or start >= ti.offset_data + ti.size, (url, start, n)
 
-    settings = Settings.from_cli(
-        ["--model.preset", "tiny", "--diffusion.num-timesteps", "100", "--data.url", out, "--data.image-size", "16",
-         "--data.channels", "3", "--data.label-key", "label", "--data.resize", "random", "--data.partitions", "2",
-         "--train.batch-size", "16",
-         "--train.total-images", "96", "--train.checkpoint-every-images", "96", "--train.sample-every-images", "0",
-         "--train.warmup-images", "16", "--train.validate-every-images", "96", "--train.validate-images", "8"]
-    )  # fmt: skip
-    settings.storage, settings.tracking.uri = s3.storage, None
-    reports = []
-    store = tmp_path / "checkpoints"
-
-    def report(metrics, directory, name):
-        reports.append(metrics)
-        if directory is not None:
-            shutil.copytree(directory, store / name)
-
-    result = train_worker(settings, Session(report=report))
+    result, reports = train_briefly(out, s3.storage, "--data.image-size", "16", "--data.channels", "3",
+                                    "--data.label-key", "label", "--data.resize", "random")  # fmt: skip
     assert result["images_seen"] >= 96 and result["steps"] >= 6
     assert any("val_loss" in r and np.isfinite(r["val_loss"]) for r in reports)

@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline.data import open_manifest
 from pipeline.data.ingest import PLAN_DIR
 from pipeline.data.storage import join_url, list_urls, read_bytes, write_bytes
-from tests.unit.data.datasets import REPO_ROOT, run_prepare_data, write_foreign_shards
+from tests.unit.data.datasets import REPO_ROOT, run_prepare_data, train_briefly, write_foreign_shards
 
 pytestmark = pytest.mark.stack
 EPOCH = {"SOURCE_DATE_EPOCH": "1700000000"}  # tar member times: shard bytes comparable across runs
@@ -219,6 +219,8 @@ def test_webdataset_shards_in_img2dataset_layout_are_re_encoded_with_a_label_key
         assert g["cls"] == truth[key]["label"] and g["meta"]["shard"] == truth[key]["url"]
         assert g["ext"] == "webp" and g["image"].size == (16, 16) and g["image"].mode == "RGB"
         assert g["meta"]["original_size"] == list(truth[key]["size"])
+    result, reports = train_briefly(out, s3.storage, "--data.image-size", "16", "--data.channels", "3")
+    assert result["steps"] >= 6 and any(np.isfinite(r.get("val_loss", np.nan)) for r in reports)
 
 
 # ------------------------------------------------------------------------------------------------

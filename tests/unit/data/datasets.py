@@ -143,3 +143,22 @@ def write_foreign_shards(
                 n += 1
         write_bytes(url, buf.getvalue(), storage)
     return truth
+
+
+def train_briefly(url: str, storage, *flags: str) -> tuple[dict, list[dict]]:
+    """A few real training steps (``train_worker`` in this process, tiny U-Net, 96 images, a checkpoint
+    and a validation at the end) on the dataset at ``url``; returns (its result, what it reported)."""
+    from pipeline.config import Settings
+    from pipeline.train.checkpointer import Session
+    from pipeline.train.loop import train_worker
+
+    settings = Settings.from_cli(
+        ["--model.preset", "tiny", "--diffusion.num-timesteps", "100", "--data.url", url, "--data.partitions", "2",
+         "--train.batch-size", "16", "--train.total-images", "96", "--train.checkpoint-every-images", "96",
+         "--train.sample-every-images", "0", "--train.warmup-images", "16", "--train.validate-every-images", "96",
+         "--train.validate-images", "8", *flags]
+    )  # fmt: skip
+    settings.storage, settings.tracking.uri = storage, None
+    reports: list[dict] = []
+    result = train_worker(settings, Session(report=lambda metrics, directory, name: reports.append(metrics)))
+    return result, reports
