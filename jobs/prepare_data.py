@@ -22,28 +22,24 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.cli import JobError, run_job
+from pipeline.cli import run_job
+from pipeline.cluster import connect
 from pipeline.data import prepare
-from pipeline.data.errors import DataError
+from pipeline.errors import JobError
 
 
 def _resolve(settings: prepare.PrepareDataSettings) -> None:
     if prepare.ingests(settings) and settings.use_ray:  # Ray Data runs on the job's cluster (RAY_ADDRESS)
-        from pipeline.cluster import connect
-
-        connect(os.environ.get("RAY_ADDRESS"), log=lambda line: print(line, file=sys.stderr, flush=True))
+        address = os.environ.get("RAY_ADDRESS")
+        try:
+            connect(address, log=lambda line: print(line, file=sys.stderr, flush=True))
+        except Exception as e:
+            raise JobError(f"cannot connect to Ray (RAY_ADDRESS={address!r}) for --engine ray: {e}") from None
     prepare.resolve(settings)
 
 
-def _write(settings: prepare.PrepareDataSettings) -> int:
-    try:
-        return prepare.run(settings)
-    except DataError as e:
-        raise JobError(str(e)) from e
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_job(prepare.PrepareDataSettings, _write, argv, prog="prepare_data.py", resolve=_resolve, echo=False)
+    return run_job(prepare.PrepareDataSettings, prepare.run, argv, prog="prepare_data.py", resolve=_resolve, echo=False)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.checkpoint import images_of, load_sampling_export
 from pipeline.config import MODEL_URI_RE
 from pipeline.sample import model
-from pipeline.sample.evaluate import evaluate
+from pipeline.sample.evaluate import evaluate, require_tracking
 from pipeline.sample.plan import SizeMismatch
 from pipeline.sample.settings import SampleSettings
 from pipeline.tracking import TrackedRun, TrackingError, mlflow_client
@@ -205,6 +205,7 @@ def register(settings: Any, run_id: str, *, log=print) -> Any:
 def evaluate_model(s: SampleSettings, *, log=print) -> dict[str, Any]:
     """Evaluate the version ``s.model`` names (its source run's checkpoint, results into that run), then,
     with ``s.promote``, move that alias to it if its Frechet distance beats the holder's."""
+    require_tracking(s)
     version = model_version(s.tracking.uri, s.model)
     at = s.model_copy(update={"run_id": version.run_id, "checkpoint": version.tags[TAG_CHECKPOINT]})
     try:

@@ -89,9 +89,11 @@ class _Walk:
 
     def members(self, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
         """(name, data if ``wanted(name)`` and small, else None) of every regular member, in tar order."""
-        pos, long_name = 0, None
+        pos, long_name, size = 0, None, self.stats.bytes
         while True:
             header = self.read(pos, BLOCK)
+            if len(header) < BLOCK and pos != size:  # members are padded to whole blocks: a whole tar ends at one
+                raise DataError(f"{self.url}: truncated: {size} bytes, a tar block was due at byte {pos}", url=self.url)
             if len(header) < BLOCK or header == bytes(BLOCK):
                 return
             try:
@@ -99,6 +101,10 @@ class _Walk:
             except tarfile.HeaderError as e:
                 raise DataError(f"{self.url}: not a tar archive at byte {pos}: {e}", url=self.url) from None
             data_at, end = pos + BLOCK, pos + BLOCK + -(-info.size // BLOCK) * BLOCK
+            if end > size:
+                raise DataError(
+                    f"{self.url}: truncated: member {info.name} runs to byte {end}, the object has {size}", url=self.url
+                )
             if info.type in _SPECIAL:  # a long name (GNU) or pax header: applies to the next member
                 data = self.read(data_at, info.size, ahead=end - data_at - info.size + BLOCK)
                 if info.type == tarfile.GNUTYPE_LONGNAME:

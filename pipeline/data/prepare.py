@@ -117,6 +117,15 @@ class PrepareDataSettings(JobSettings):
             raise ValueError("--index-only indexes existing shards: use it with --source webdataset --shards ...")
         return self
 
+    @model_validator(mode="after")
+    def _format_needs_the_shard_tasks(self) -> PrepareDataSettings:
+        if self.image_format != "png" and not ingests(self):
+            raise ValueError(
+                f"image_format: {self.image_format} is written by the shard tasks (--engine ray or auto, or an s3:// "
+                "folder or WebDataset source); the one-process converter (the digits, --engine local) writes png"
+            )
+        return self
+
     @property
     def use_ray(self) -> bool:
         return self.engine == "ray" or (self.engine == "auto" and self.source != "digits")

@@ -192,6 +192,7 @@ def s3_client(storage: Any) -> Any:
                     s3={"addressing_style": "path"},
                     connect_timeout=10,
                     read_timeout=60,
+                    max_pool_connections=32,  # pipeline.data.index walks 16 shards at once
                 )
                 global _SESSION
                 if _SESSION is None:

@@ -39,11 +39,7 @@ Log = Callable[[str], None]
 
 def evaluate(s: SampleSettings, *, log: Log = print) -> dict[str, Any]:
     """Plan, sample, write, publish; returns the summary (the job prints it as JSON)."""
-    if not s.tracking.uri:
-        raise ConfigError(
-            "invalid configuration:\n  tracking.uri: no MLflow tracking server configured "
-            "(set MLFLOW_TRACKING_URI, --tracking.uri, or start the local stack)"
-        )
+    require_tracking(s)
     t_job = time.perf_counter()
     with _work_dir(s.work_dir) as work:
         run = TrackedRun(s.tracking.uri, s.run_id)
@@ -66,6 +62,15 @@ def evaluate(s: SampleSettings, *, log: Log = print) -> dict[str, Any]:
         write_outputs(out, s, plan, devices, images, ray_address=address, metrics_doc=metrics_doc)
         summary = publish(run, plan, out, metrics, quality, log=log)
         return summary | {"cost": costs, "local_dir": None if s.work_dir is None else str(out)}
+
+
+def require_tracking(s: SampleSettings) -> None:
+    """``ConfigError`` without an MLflow server: the run, its checkpoints and the results live there."""
+    if not s.tracking.uri:
+        raise ConfigError(
+            "invalid configuration:\n  tracking.uri: no MLflow tracking server configured "
+            "(set MLFLOW_TRACKING_URI, --tracking.uri, or start the local stack)"
+        )
 
 
 @contextlib.contextmanager

@@ -195,6 +195,8 @@ def place(s: SampleSettings, log) -> Devices:
 
     gpus = ray.cluster_resources().get("GPU", 0)
     asked = s.workers or s.cluster.max_workers
+    if s.cluster.use_gpu == "yes" and gpus < 1:
+        raise EvaluationError("cluster.use_gpu=yes but the Ray cluster has no GPUs; use --cluster.use-gpu auto or no")
     try:
         use_gpu, workers = cluster.choose_device(s.cluster.use_gpu, gpus, asked, fewer_ok=True)
     except cluster.DeviceError as e:

@@ -185,7 +185,7 @@ def run_sweep(s: SweepSettings, prep: Prepared) -> int:
     t0 = time.time()
     with _sigterm_as_sigint() as interrupted:
         tuner.fit()
-    rows = ran_callback(tuner).rows
+    rows = getattr(ran_callback(tuner), "rows", [])  # a callback saved before it had rows: none recorded
     if interrupted.is_set() or any(r["status"] not in (FINISHED, STOPPED, FAILED) for r in rows):
         reason = f"interrupted; continue it with --sweep.resume --sweep.name {name}"
         end_run(uri, prep.parent_run_id, "KILLED", reason)

@@ -193,7 +193,10 @@ class SweepCallback(Callback):
 def ran_callback(tuner) -> SweepCallback:
     """The ``SweepCallback`` that ``tuner.fit()`` ran: the one given to a new Tuner, or for a restored
     sweep the one unpickled with its saved state (Tune runs that one, not a new one)."""
-    return next(c for c in tuner._local_tuner.get_run_config().callbacks if isinstance(c, SweepCallback))
+    found = [c for c in tuner._local_tuner.get_run_config().callbacks or [] if isinstance(c, SweepCallback)]
+    if not found:
+        raise RuntimeError("the sweep's Tuner ran without its SweepCallback: no trial results to record")
+    return found[0]
 
 
 def error_line(trial) -> str:

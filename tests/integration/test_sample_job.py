@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.parse
@@ -147,31 +146,22 @@ def test_fanout_is_seed_addressed_and_lands_in_the_run(trained, tmp_path):
     assert doc["cost"]["workers"] == 1 and two["metrics"]["eval/ddim10-ema/workers"] == 2
 
 
-def _sampling_actor_pids() -> list[int]:
-    """PIDs of this machine's sampling actors, found as an operator would: by Ray's process title."""
-    import psutil
-
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if (p.info["cmdline"] or [""])[0].startswith("ray::SamplerWorker")
-    ]
-
-
 @pytest.mark.stack
 def test_killed_actor_batches_are_rerun_every_seed_once(trained, tmp_path, monkeypatch):
+    import ray
+
     killed: list[int] = []
 
     class CrashAfterFirstBatch(evaluate.SamplingPool):
-        """The job's pool, with one actor SIGKILLed from outside once the first batch is in."""
+        """The job's pool, with one actor killed by Ray (by its handle) once the first batch is in."""
 
         def run(self, batches, on_result):
             def first_then_crash(batch, images):
                 on_result(batch, images)
                 if not killed:
-                    pid = _sampling_actor_pids()[0]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+                    victim = next(slot for slot in self.slots if slot.alive and slot.ready)
+                    ray.kill(victim.handle, no_restart=True)
+                    killed.append(victim.number)
 
             return super().run(batches, first_then_crash)
 

@@ -135,3 +135,20 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert open_manifest(str(tmp_path / "job"), None, "train").num_samples == 5
     assert prepare_data.main([*argv, "--shards", str(shards)]) == 1  # --out holds a dataset now
     assert "already holds a dataset" in capsys.readouterr().err
+
+
+def test_a_truncated_shard_is_named_not_counted_short(tmp_path):
+    shards = tmp_path / "shards"
+    write_foreign_shards(str(shards), None, [10, 10], cls=True)
+    data = (shards / "00001.tar").read_bytes()
+    (shards / "00001.tar").write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(DataError, match=r"00001\.tar: truncated"):
+        index_dataset(str(shards), str(tmp_path / "ds"), None, log=lambda _: None)
+
+
+def test_other_formats_need_the_shard_tasks():
+    from pipeline.config import ConfigError
+    from pipeline.data.prepare import PrepareDataSettings
+
+    with pytest.raises(ConfigError, match="image_format: jpeg is written by the shard tasks"):
+        PrepareDataSettings.from_cli(["--image-format", "jpeg"])  # the digits: the one-process converter
