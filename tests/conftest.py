@@ -169,3 +169,20 @@ def two_hosts(request):
     request.addfinalizer(hosts.stop)
     hosts.start()
     return hosts
+
+
+@pytest.fixture
+def index_reads(monkeypatch) -> list[tuple[str, int, int]]:
+    """Every ranged read ``pipeline.data.index`` makes through the storage layer: (url, start, bytes returned)."""
+    from pipeline.data import index
+
+    seen: list[tuple[str, int, int]] = []
+    real = index.read_range
+
+    def counting(url, start, length, storage=None):
+        data = real(url, start, length, storage)
+        seen.append((url, start, len(data)))
+        return data
+
+    monkeypatch.setattr(index, "read_range", counting)
+    return seen

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,17 @@ def train_briefly(url: str, storage, *flags: str) -> tuple[dict, list[dict]]:
     reports: list[dict] = []
     result = train_worker(settings, Session(report=lambda metrics, directory, name: reports.append(metrics)))
     return result, reports
+
+
+def image_ranges(tar: bytes) -> list[tuple[int, int]]:
+    """[start, end) of every image member's data in a tar archive."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        return [(ti.offset_data, ti.offset_data + ti.size) for ti in tf if ti.name.endswith((".jpg", ".png", ".webp"))]
+
+
+def assert_no_image_byte_read(reads: list[tuple[str, int, int]], fetch) -> None:
+    """No (url, start, length) of ``reads`` overlaps an image member's data; ``fetch(url)`` gives a shard's bytes."""
+    shards: dict[str, list[tuple[int, int]]] = {}
+    for url, start, n in reads:
+        for a, b in shards.setdefault(url, image_ranges(fetch(url))):
+            assert start + n <= a or start >= b, f"read {start}..{start + n} overlaps an image at {a}..{b} in {url}"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,35 +12,14 @@ import pytest
 from jobs import prepare_data
 from pipeline.config import DataConfig
 from pipeline.data import DataError, ShardError, ShardReader, load_split_arrays, open_manifest
-from pipeline.data import index as index_module
 from pipeline.data.index import index_dataset
-from tests.unit.data.datasets import write_foreign_shards
+from tests.unit.data.datasets import assert_no_image_byte_read, image_ranges, write_foreign_shards
 
 SIZES = [23, 17, 30, 12]
 
 
-def image_ranges(path) -> list[tuple[int, int]]:
-    """[start, end) of every image member's data in a tar file."""
-    with tarfile.open(path) as tf:
-        return [(ti.offset_data, ti.offset_data + ti.size) for ti in tf if ti.name.endswith((".jpg", ".png", ".webp"))]
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """Every ranged read the index makes through the storage layer: (url, start, bytes returned)."""
-    seen: list[tuple[str, int, int]] = []
-    real = index_module.read_range
-
-    def counting(url, start, length, storage=None):
-        data = real(url, start, length, storage)
-        seen.append((url, start, len(data)))
-        return data
-
-    monkeypatch.setattr(index_module, "read_range", counting)
-    return seen
-
-
-def test_index_counts_samples_from_headers_and_reads_no_image_byte(tmp_path, reads):
+def test_index_counts_samples_from_headers_and_reads_no_image_byte(tmp_path, index_reads):
+    reads = index_reads
     shards = tmp_path / "shards"
     truth = write_foreign_shards(str(shards), None, SIZES, cls=True)
     m = index_dataset(str(shards), str(tmp_path / "ds"), None, log=lambda _: None)["train"]
@@ -49,10 +29,8 @@ def test_index_counts_samples_from_headers_and_reads_no_image_byte(tmp_path, rea
     assert "jpg" in m.members and m.class_counts == [sum(t["label"] == c for t in truth) for c in range(10)]
     assert all(s.sha256 == "" for s in m.shards) and all(s.bytes == (shards / s.name).stat().st_size for s in m.shards)
     # Not one byte of an image member was read, and at most one request per member.
-    for url, start, n in reads:
-        for a, b in image_ranges(url):
-            assert start + n <= a or start >= b, f"read {start}..{start + n} overlaps an image at {a}..{b} in {url}"
-    images = sum(b - a for s in m.shards for a, b in image_ranges(m.shard_url(m.shards.index(s))))
+    assert_no_image_byte_read(reads, lambda url: Path(url).read_bytes())
+    images = sum(b - a for u in m.shard_urls for a, b in image_ranges(Path(u).read_bytes()))
     assert sum(n for _, _, n in reads) <= sum(s.bytes for s in m.shards) - images
     # A member costs at most three: its pax header (TarWriter writes them), its header, its data.
     assert len(reads) <= 3 * 4 * sum(SIZES)
